@@ -1,0 +1,33 @@
+//! agentbus: a message bus for multi-agent systems.
+//!
+//! Typed messages on named channels with priorities, deadlines, request/reply,
+//! scatter-gather, retries and dead letters, and an agent runtime on top. It runs
+//! embedded in one process (the [`MemoryEngine`]) and, through the [`Transport`] trait,
+//! on other engines and backends with the same delivery contract.
+//!
+//! Start with [`Bus`]: register message types, publish, subscribe, request, gather.
+
+pub mod bus;
+pub mod channel;
+pub mod clock;
+pub mod envelope;
+pub mod error;
+pub mod memory;
+pub mod message;
+pub mod transport;
+
+pub use bus::{
+    Bus, BusBuilder, GatherResult, GatherSpec, PublishOptions, Subscription, Typed,
+    TypedSubscription,
+};
+pub use channel::{parse_channel, Channel, ChannelName, ChannelPattern, Direction, ParsedChannel};
+pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
+pub use envelope::{DeadReason, Envelope, Header, MessageId, Priority, CONTENT_TYPE_JSON};
+pub use error::{Error, ErrorKind, Result};
+pub use memory::{MemoryEngine, MemoryEngineBuilder};
+pub use message::{KindRegistry, Message};
+pub use transport::{
+    Capabilities, ChannelConfig, ChannelStats, Consumer, DeadLetter, DeadLetterFilter, Delivery,
+    DeliveryHandle, Discard, EngineStats, GroupStats, PublishLimits, PublishReceipt, Settlement,
+    Settler, StartPosition, SubscribeOptions, Transport,
+};
