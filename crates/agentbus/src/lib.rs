@@ -7,6 +7,7 @@
 //!
 //! Start with [`Bus`]: register message types, publish, subscribe, request, gather.
 
+pub mod agent;
 pub mod bus;
 pub mod channel;
 pub mod clock;
@@ -16,6 +17,10 @@ pub mod memory;
 pub mod message;
 pub mod transport;
 
+pub use agent::{
+    Agent, AgentBuilder, AgentDescriptor, Backoff, Context, HandlerError, HandlerOptions,
+    HandlerResult, ShutdownReport,
+};
 pub use bus::{
     Bus, BusBuilder, GatherResult, GatherSpec, PublishOptions, Subscription, Typed,
     TypedSubscription,
