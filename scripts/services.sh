@@ -85,6 +85,7 @@ _svc_require_cmd() {
 
 # _svc_tcp_open HOST PORT  -- true if a TCP connection succeeds (2 s cap).
 _svc_tcp_open() {
+    # shellcheck disable=SC2016 # expanded by the inner bash
     timeout 2 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" >/dev/null 2>&1
 }
 
@@ -112,8 +113,9 @@ _svc_wait() {
 _svc_start_and_wait() {
     local name=$1 limit=$2 log=$3 manual=$4 check=$5
     shift 5
-    local rc=0
-    _svc_info "$name is down; starting: $*"
+    local rc=0 shown=("$@")
+    [[ ${shown[0]} == _svc_root ]] && shown=("${shown[@]:1}")
+    _svc_info "$name is down; starting: $(printf '%q ' "${shown[@]}")"
     "$@" </dev/null >&2 || rc=$?
     if ((rc != 0)); then
         _svc_err "start command for $name exited with status $rc"
@@ -165,6 +167,7 @@ NATS_LOG=/var/log/nats-server.log
 
 # Prints the server's INFO line (sent by the server right after connect).
 _nats_info() {
+    # shellcheck disable=SC2016 # expanded by the inner bash
     timeout 3 bash -c '
         exec 3<>"/dev/tcp/$1/$2" || exit 1
         IFS= read -r -t 2 line <&3 || exit 1
