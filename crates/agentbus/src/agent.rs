@@ -123,20 +123,29 @@ impl AgentDescriptor {
         self.sends.iter().any(|k| k == kind)
     }
 
-    fn group_name(&self) -> String {
-        let cleaned: String = self
-            .name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .take(120)
-            .collect();
-        format!("agent-{cleaned}")
+    /// The default group of this agent's subscription to `pattern`: shared by every
+    /// instance of the agent (same name), distinct per pattern, since a group follows
+    /// exactly one pattern.
+    fn group_for(&self, pattern: &ChannelPattern) -> String {
+        fn clean(text: &str) -> String {
+            text.chars()
+                .map(|c| match c {
+                    '*' => 'S',
+                    '>' => 'G',
+                    c if c.is_ascii_alphanumeric() || c == '-' || c == '_' => c,
+                    _ => '_',
+                })
+                .collect()
+        }
+        let full = format!("agent-{}--{}", clean(&self.name), clean(pattern.as_str()));
+        if full.len() <= 128 {
+            return full;
+        }
+        // Too long for a group name: keep a readable prefix and a stable hash.
+        let hash = full.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        format!("{}-{hash:016x}", &full[..110])
     }
 }
 
@@ -145,6 +154,45 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// What a handler returns.
 pub type HandlerResult = std::result::Result<(), HandlerError>;
+
+/// A handler error that sends the message straight to dead letters (reason
+/// `rejected`) instead of retrying it: for messages that can never succeed, or that
+/// must wait for a person.
+///
+/// # Examples
+///
+/// ```
+/// use agentbus::{HandlerResult, Reject};
+///
+/// fn check(amount: i64) -> HandlerResult {
+///     if amount < 0 {
+///         return Err(Reject::new(format!("negative amount {amount}")).into());
+///     }
+///     Ok(())
+/// }
+/// assert!(check(-1).is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    reason: String,
+}
+
+impl Reject {
+    /// A rejection with a reason kept as the dead letter's `last_error`.
+    pub fn new(reason: impl Into<String>) -> Self {
+        Reject {
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for Reject {}
 
 /// Retry delays after handler failures: exponential with jitter.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -191,7 +239,8 @@ pub struct HandlerOptions {
     pub concurrency: usize,
     /// How many unsettled deliveries the subscription may hold.
     pub prefetch: usize,
-    /// The group; by default `agent-<name>`, shared by all instances of the agent.
+    /// The group; by default `agent-<name>--<pattern>`, shared by all instances of the
+    /// agent.
     pub group: Option<String>,
     /// Where a new group starts.
     pub start: StartPosition,
@@ -469,6 +518,8 @@ type ErasedHandler =
 
 struct Route {
     kind: &'static str,
+    /// Registers the handler's message type in the bus's kind registry.
+    register: fn(&crate::message::KindRegistry),
     handler: ErasedHandler,
     options: HandlerOptions,
     permits: Arc<Semaphore>,
@@ -536,6 +587,7 @@ impl AgentBuilder {
             pattern,
             Route {
                 kind: M::KIND,
+                register: |registry| registry.register::<M>(),
                 handler: erased,
                 permits: Arc::new(Semaphore::new(options.concurrency.max(1))),
                 options,
@@ -556,6 +608,7 @@ impl AgentBuilder {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut by_pattern: Vec<(ChannelPattern, Vec<Route>)> = Vec::new();
         for (pattern, route) in self.routes {
+            (route.register)(bus.registry());
             match by_pattern.iter_mut().find(|(p, _)| *p == pattern) {
                 Some((_, routes)) => routes.push(route),
                 None => by_pattern.push((pattern, vec![route])),
@@ -570,7 +623,7 @@ impl AgentBuilder {
                     first
                         .group
                         .clone()
-                        .unwrap_or_else(|| descriptor.group_name()),
+                        .unwrap_or_else(|| descriptor.group_for(&pattern)),
                 )
                 .start(first.start)
                 .ack_wait(first.ack_wait)
@@ -789,6 +842,12 @@ async fn run_handler(route: &Route, ctx: Context, delivery: Delivery) {
             return;
         }
         Ok(Err(error)) => {
+            if let Some(reject) = error.downcast_ref::<Reject>() {
+                let _ = delivery
+                    .reject(DeadReason::Rejected, reject.reason.clone())
+                    .await;
+                return;
+            }
             if let Some(e) = error.downcast_ref::<Error>() {
                 if e.kind() == ErrorKind::Schema {
                     let _ = delivery.reject(DeadReason::Schema, e.to_string()).await;

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::channel::{ChannelName, ChannelPattern};
 use crate::clock::SharedClock;
-use crate::envelope::{chrono_duration, DeadReason, Envelope, Header, MessageId, Priority};
+use crate::envelope::{later, DeadReason, Envelope, Header, MessageId, Priority};
 use crate::error::{Error, ErrorKind, Result};
 use crate::memory::MemoryEngine;
 use crate::message::{KindRegistry, Message};
@@ -124,10 +124,10 @@ impl PublishOptions {
         header.priority = self.priority.unwrap_or_default();
         header.deadline = self
             .deadline
-            .or_else(|| self.ttl.map(|ttl| now + chrono_duration(ttl)));
+            .or_else(|| self.ttl.map(|ttl| later(now, ttl)));
         header.not_before = self
             .not_before
-            .or_else(|| self.delay.map(|d| now + chrono_duration(d)));
+            .or_else(|| self.delay.map(|d| later(now, d)));
         header.correlation_id = self.correlation_id.clone();
         header.causation_id = self.causation_id;
         header.sender = self.sender.clone();
@@ -499,7 +499,7 @@ impl Bus {
         let inbox = self.inbox().await?.clone();
         let now = self.inner.clock.now();
         request.header.reply_to = Some(inbox);
-        request.header.deadline = Some(now + chrono_duration(timeout));
+        request.header.deadline = Some(later(now, timeout));
         let id = request.header.id;
         let channel = request.channel.clone();
         let (tx, rx) = oneshot::channel();
@@ -512,7 +512,7 @@ impl Bus {
         if receipt.groups == 0 && self.inner.transport.capabilities().no_responders {
             return Err(no_responders(&channel));
         }
-        let sleep = self.inner.clock.sleep_until(now + chrono_duration(timeout));
+        let sleep = self.inner.clock.sleep_until(later(now, timeout));
         tokio::select! {
             reply = rx => reply.map_err(|_| Error::closed("the bus inbox")),
             _ = sleep => Err(Error::timeout("request", channel.as_str(), timeout)),
@@ -584,7 +584,7 @@ impl Bus {
     ) -> Result<GatherResult<Envelope>> {
         let inbox = self.inbox().await?.clone();
         let now = self.inner.clock.now();
-        let end = now + chrono_duration(spec.timeout);
+        let end = later(now, spec.timeout);
         request.header.reply_to = Some(inbox);
         request.header.deadline = Some(end);
         let id = request.header.id;

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-use crate::envelope::chrono_duration;
+use crate::envelope::later;
 
 /// A source of time that can also wait.
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
@@ -88,7 +88,7 @@ impl ManualClock {
 
     /// Moves time forward by `by`, waking everything whose wait is now over.
     pub fn advance(&self, by: Duration) {
-        self.now.send_modify(|now| *now += chrono_duration(by));
+        self.now.send_modify(|now| *now = later(*now, by));
     }
 
     /// Sets the time; going backwards is ignored, as clocks used for deadlines must be

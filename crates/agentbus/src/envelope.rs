@@ -301,13 +301,13 @@ impl Envelope {
 
     /// Sets the deadline to now + `ttl`.
     pub fn with_ttl(mut self, ttl: Duration) -> Self {
-        self.header.deadline = Some(self.header.timestamp + chrono_duration(ttl));
+        self.header.deadline = Some(later(self.header.timestamp, ttl));
         self
     }
 
     /// Delays delivery until timestamp + `delay`.
     pub fn with_delay(mut self, delay: Duration) -> Self {
-        self.header.not_before = Some(self.header.timestamp + chrono_duration(delay));
+        self.header.not_before = Some(later(self.header.timestamp, delay));
         self
     }
 
@@ -349,6 +349,19 @@ impl Envelope {
 /// Converts a std duration into a chrono one, saturating instead of panicking.
 pub(crate) fn chrono_duration(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// `at + d`, saturating at the end of representable time instead of panicking, so a
+/// huge ttl or delay means "never" rather than a crash.
+pub(crate) fn later(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    at.checked_add_signed(chrono_duration(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// `at - d`, saturating at the start of representable time.
+pub(crate) fn earlier(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    at.checked_sub_signed(chrono_duration(d))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 /// The payload is JSON text in the envelope's JSON form when it is valid UTF-8 JSON,

@@ -19,7 +19,7 @@ pub mod transport;
 
 pub use agent::{
     Agent, AgentBuilder, AgentDescriptor, Backoff, Context, HandlerError, HandlerOptions,
-    HandlerResult, ShutdownReport,
+    HandlerResult, Reject, ShutdownReport,
 };
 pub use bus::{
     Bus, BusBuilder, GatherResult, GatherSpec, PublishOptions, Subscription, Typed,
@@ -32,7 +32,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use memory::{MemoryEngine, MemoryEngineBuilder};
 pub use message::{KindRegistry, Message};
 pub use transport::{
-    Capabilities, ChannelConfig, ChannelStats, Consumer, DeadLetter, DeadLetterFilter, Delivery,
-    DeliveryHandle, Discard, EngineStats, GroupStats, PublishLimits, PublishReceipt, Settlement,
-    Settler, StartPosition, SubscribeOptions, Transport,
+    ack_all, Capabilities, ChannelConfig, ChannelStats, Consumer, DeadLetter, DeadLetterFilter,
+    Delivery, DeliveryHandle, Discard, EngineStats, GroupStats, PublishLimits, PublishReceipt,
+    Settlement, Settler, StartPosition, SubscribeOptions, Transport,
 };

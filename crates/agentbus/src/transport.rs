@@ -283,6 +283,58 @@ pub trait Settler: Send + Sync + fmt::Debug {
     /// [`ErrorKind::AlreadySettled`] when the engine no longer holds the message
     /// unsettled (it was settled through another delivery or dead-lettered).
     async fn settle(&self, token: u64, settlement: Settlement) -> Result<()>;
+
+    /// Settles many deliveries at once, one result each; engines override this to
+    /// take their lock (or make their round trip) once per batch.
+    async fn settle_many(&self, batch: Vec<(u64, Settlement)>) -> Vec<Result<()>> {
+        let mut results = Vec::with_capacity(batch.len());
+        for (token, settlement) in batch {
+            results.push(self.settle(token, settlement).await);
+        }
+        results
+    }
+}
+
+/// Acks every delivery, with one engine call per run of deliveries from the same
+/// subscription: the fast path for batch consumers.
+///
+/// # Errors
+/// The first error met ([`ErrorKind::AlreadySettled`] for a delivery settled before);
+/// the other deliveries are still acked.
+pub async fn ack_all(deliveries: &[Delivery]) -> Result<()> {
+    let mut first_error = None;
+    let mut start = 0;
+    while start < deliveries.len() {
+        let settler = &deliveries[start].settler;
+        let end = deliveries[start..]
+            .iter()
+            .position(|d| !Arc::ptr_eq(&d.settler, settler))
+            .map_or(deliveries.len(), |n| start + n);
+        let mut batch = Vec::with_capacity(end - start);
+        for delivery in &deliveries[start..end] {
+            if delivery.settled.swap(true, Ordering::AcqRel) {
+                first_error.get_or_insert_with(|| {
+                    Error::new(
+                        ErrorKind::AlreadySettled,
+                        format!(
+                            "a delivery from channel '{}' was already settled; ack, nack or reject each \
+                             delivery exactly once",
+                            delivery.envelope.channel
+                        ),
+                    )
+                });
+            } else {
+                batch.push((delivery.token, Settlement::Ack));
+            }
+        }
+        for result in settler.settle_many(batch).await {
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        start = end;
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// One delivery of one message to one consumer. Settle it exactly once with
@@ -290,7 +342,8 @@ pub trait Settler: Send + Sync + fmt::Debug {
 /// redelivered after the group's ack wait.
 #[derive(Debug)]
 pub struct Delivery {
-    envelope: Envelope,
+    /// Shared with the engine's stored copy on first delivery: no copy per delivery.
+    envelope: Arc<Envelope>,
     sequence: u64,
     group: Arc<str>,
     token: u64,
@@ -299,16 +352,17 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// Built by engines.
+    /// Built by engines. `envelope.header.attempt` must already be this delivery's
+    /// attempt number.
     pub fn new(
-        envelope: Envelope,
+        envelope: impl Into<Arc<Envelope>>,
         sequence: u64,
         group: Arc<str>,
         token: u64,
         settler: Arc<dyn Settler>,
     ) -> Self {
         Delivery {
-            envelope,
+            envelope: envelope.into(),
             sequence,
             group,
             token,
@@ -330,7 +384,10 @@ impl Delivery {
             settled: self.settled,
             channel: self.envelope.channel.clone(),
         };
-        (self.envelope, handle)
+        (
+            Arc::try_unwrap(self.envelope).unwrap_or_else(|shared| (*shared).clone()),
+            handle,
+        )
     }
 
     /// The channel sequence of the message.

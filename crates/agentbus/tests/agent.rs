@@ -215,7 +215,7 @@ async fn shutdown_drains_in_flight_handlers_and_abandons_slow_ones() {
     let group = stats
         .groups
         .iter()
-        .find(|g| g.group == "agent-drainer")
+        .find(|g| g.group == "agent-drainer--jobs")
         .unwrap();
     assert_eq!(group.pending + group.in_flight, 1, "{group:?}");
 }

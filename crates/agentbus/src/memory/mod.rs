@@ -67,8 +67,6 @@ struct Shared {
 struct Inner {
     state: State,
     wakers: HashMap<GroupId, Arc<Notify>>,
-    /// What the timer task is sleeping until; an earlier timer must wake it.
-    timer_sleeping_until: Option<DateTime<Utc>>,
 }
 
 impl fmt::Debug for MemoryEngine {
@@ -151,7 +149,6 @@ impl MemoryEngineBuilder {
                 inner: Mutex::new(Inner {
                     state,
                     wakers: HashMap::new(),
-                    timer_sleeping_until: None,
                 }),
                 clock: self.clock,
                 limits: self.limits,
@@ -189,15 +186,7 @@ impl Shared {
                     .filter_map(|g| inner.wakers.get(g).cloned())
                     .collect()
             };
-            let next = inner.state.next_due();
-            let timer_moved = match (next, inner.timer_sleeping_until) {
-                (Some(next), Some(sleeping)) => next < sleeping,
-                (Some(_), None) => true,
-                _ => false,
-            };
-            if timer_moved {
-                inner.timer_sleeping_until = next;
-            }
+            let timer_moved = inner.state.take_timer_wake();
             (result, notifies, timer_moved)
         };
         for notify in notifies {
@@ -224,7 +213,8 @@ async fn timer_loop(shared: Weak<Shared>) {
             let due = {
                 let mut inner = shared.inner.lock();
                 let due = inner.state.next_due();
-                inner.timer_sleeping_until = due;
+                inner.state.timer_sleeping_until = due;
+                inner.state.take_timer_wake();
                 due
             };
             let clock = &shared.clock;
@@ -401,6 +391,16 @@ impl Settler for MemorySettler {
         let group = self.group;
         self.shared
             .with_state(|state, now, wake| state.settle(group, token, settlement, now, wake))
+    }
+
+    async fn settle_many(&self, batch: Vec<(u64, Settlement)>) -> Vec<Result<()>> {
+        let group = self.group;
+        self.shared.with_state(|state, now, wake| {
+            batch
+                .into_iter()
+                .map(|(token, settlement)| state.settle(group, token, settlement, now, wake))
+                .collect()
+        })
     }
 }
 

@@ -12,14 +12,16 @@
 //! messages (counted) and refusing the publish with `Full`.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
+
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use crate::channel::{ChannelName, ChannelPattern};
-use crate::envelope::{chrono_duration, DeadReason, Envelope, MessageId, Priority};
+use crate::envelope::{earlier, later, DeadReason, Envelope, MessageId, Priority};
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::{
     ChannelConfig, ChannelStats, DeadLetter, DeadLetterFilter, Discard, EngineStats, GroupStats,
@@ -31,8 +33,12 @@ use crate::transport::{
 pub(crate) struct Stored {
     pub(crate) key: u64,
     pub(crate) sequence: u64,
+    /// Position in its priority lane; contiguous per lane, so a cursor finds its next
+    /// message by subtraction.
+    pub(crate) lane_index: u64,
     pub(crate) channel: usize,
-    pub(crate) envelope: Envelope,
+    /// Stored with `attempt = 1`, so a first delivery shares it without copying.
+    pub(crate) envelope: Arc<Envelope>,
     pub(crate) stored_at: DateTime<Utc>,
     pub(crate) size: u64,
 }
@@ -44,6 +50,8 @@ struct ChannelState {
     name: ChannelName,
     config: ChannelConfig,
     lanes: [VecDeque<Msg>; 4],
+    /// The lane index the next message of each lane gets.
+    lane_next: [u64; 4],
     next_sequence: u64,
     messages: u64,
     bytes: u64,
@@ -54,6 +62,23 @@ struct ChannelState {
 }
 
 impl ChannelState {
+    /// The message a cursor at lane index `cursor` reads next, if any.
+    fn at_cursor(&self, lane: usize, cursor: u64) -> Option<&Msg> {
+        let messages = &self.lanes[lane];
+        let front = messages
+            .front()
+            .map_or(self.lane_next[lane], |m| m.lane_index);
+        messages.get(cursor.saturating_sub(front) as usize)
+    }
+
+    /// How many messages a cursor at `cursor` has not read yet.
+    fn unread(&self, lane: usize, cursor: u64) -> u64 {
+        let front = self.lanes[lane]
+            .front()
+            .map_or(self.lane_next[lane], |m| m.lane_index);
+        self.lane_next[lane].saturating_sub(cursor.max(front))
+    }
+
     fn oldest_lane(&self) -> Option<usize> {
         (0..4)
             .filter_map(|lane| self.lanes[lane].front().map(|m| (m.sequence, lane)))
@@ -103,6 +128,22 @@ impl PartialOrd for ReadyEntry {
     }
 }
 
+impl GroupState {
+    /// Pops ack-wait entries at the front whose delivery was settled since, so the
+    /// queue holds roughly the unsettled deliveries only.
+    fn drop_settled_deadlines(&mut self) {
+        while let Some(&(_, key, generation)) = self.ack_deadlines.front() {
+            let live = self.pending.get(&key).is_some_and(|p| {
+                p.generation == generation && matches!(p.state, PendingState::InFlight { .. })
+            });
+            if live {
+                break;
+            }
+            self.ack_deadlines.pop_front();
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Member {
     prefetch: usize,
@@ -120,6 +161,9 @@ struct GroupState {
     cursors: HashMap<usize, [u64; 4]>,
     pending: HashMap<u64, Pending>,
     ready: BinaryHeap<ReadyEntry>,
+    /// Ack-wait expiries in delivery order. The ack wait is fixed per group, so this is
+    /// sorted by due time without a heap; settled entries are skipped by generation.
+    ack_deadlines: VecDeque<(DateTime<Utc>, u64, u64)>,
     members: HashMap<MemberId, Member>,
     delivered: u64,
     acked: u64,
@@ -139,7 +183,7 @@ struct Timer {
 /// One delivery handed out by [`State::take`].
 #[derive(Debug)]
 pub(crate) struct Handout {
-    pub(crate) envelope: Envelope,
+    pub(crate) envelope: Arc<Envelope>,
     pub(crate) sequence: u64,
     pub(crate) key: u64,
 }
@@ -174,6 +218,12 @@ pub(crate) struct State {
     next_member: MemberId,
     rejected_full: u64,
     expired: u64,
+    /// Channels with an age limit, trimmed when timers fire.
+    aged_channels: Vec<usize>,
+    /// What the timer task sleeps until (`None`: until told).
+    pub(crate) timer_sleeping_until: Option<DateTime<Utc>>,
+    /// Set when a timer earlier than the timer task's sleep was added.
+    timer_wake: bool,
     /// The most dead letters kept; the oldest beyond it are dropped (counted).
     pub(crate) max_dead_letters: usize,
     dead_dropped: u64,
@@ -210,13 +260,14 @@ impl State {
         for id in &groups {
             // A channel created after the group: the group reads it from the start.
             if let Some(group) = self.groups.get_mut(id) {
-                group.cursors.insert(index, [1; 4]);
+                group.cursors.insert(index, [0; 4]);
             }
         }
         self.channels.push(ChannelState {
             name: name.clone(),
             config: self.config_for(name),
             lanes: Default::default(),
+            lane_next: [0; 4],
             next_sequence: 1,
             messages: 0,
             bytes: 0,
@@ -225,18 +276,54 @@ impl State {
             groups,
         });
         self.channel_index.insert(name.clone(), index);
+        if self.channels[index].config.max_age.is_some() {
+            self.aged_channels.push(index);
+        }
         index
+    }
+
+    fn note_timer(&mut self, due: DateTime<Utc>) {
+        if self
+            .timer_sleeping_until
+            .is_none_or(|sleeping| due < sleeping)
+        {
+            self.timer_wake = true;
+        }
+    }
+
+    /// Whether the timer task must wake because an earlier timer appeared; resets.
+    pub(crate) fn take_timer_wake(&mut self) -> bool {
+        std::mem::take(&mut self.timer_wake)
     }
 
     /// The next time a timer is due.
     pub(crate) fn next_due(&self) -> Option<DateTime<Utc>> {
-        self.timers.peek().map(|Reverse(t)| t.due)
+        let scheduled = self.timers.peek().map(|Reverse(t)| t.due);
+        let ack = self
+            .groups
+            .values()
+            .filter_map(|g| g.ack_deadlines.front().map(|(due, ..)| *due))
+            .min();
+        let aged = self
+            .aged_channels
+            .iter()
+            .filter_map(|&index| {
+                let channel = &self.channels[index];
+                let lane = channel.oldest_lane()?;
+                let front = channel.lanes[lane].front()?;
+                Some(later(front.stored_at, channel.config.max_age?))
+            })
+            .min();
+        [scheduled, ack, aged].into_iter().flatten().min()
     }
 
     pub(crate) fn configure(&mut self, pattern: ChannelPattern, config: ChannelConfig) {
-        for channel in &mut self.channels {
+        for (index, channel) in self.channels.iter_mut().enumerate() {
             if pattern.matches(&channel.name) {
                 channel.config = config.clone();
+                if config.max_age.is_some() && !self.aged_channels.contains(&index) {
+                    self.aged_channels.push(index);
+                }
             }
         }
         self.channel_configs.push((pattern, config));
@@ -244,7 +331,7 @@ impl State {
 
     pub(crate) fn publish(
         &mut self,
-        envelope: Envelope,
+        mut envelope: Envelope,
         now: DateTime<Utc>,
         wake: &mut Wake,
     ) -> Result<PublishReceipt> {
@@ -255,6 +342,8 @@ impl State {
             receipt.duplicate = true;
             return Ok(receipt);
         }
+        // Stored as its first delivery will carry it, so that delivery shares it.
+        envelope.header.attempt = 1;
         let index = self.channel_for(&envelope.channel);
         let size = envelope.size_bytes() as u64;
         self.trim_age(index, now);
@@ -269,6 +358,8 @@ impl State {
         channel.bytes += size;
         channel.published += 1;
         let lane = envelope.header.priority.lane();
+        let lane_index = channel.lane_next[lane];
+        channel.lane_next[lane] += 1;
         let dedup_window = channel.config.dedup_window;
         let receipt = PublishReceipt {
             id,
@@ -280,14 +371,15 @@ impl State {
         channel.lanes[lane].push_back(Arc::new(Stored {
             key,
             sequence,
+            lane_index,
             channel: index,
-            envelope,
+            envelope: Arc::new(envelope),
             stored_at: now,
             size,
         }));
         wake.extend_from_slice(&channel.groups);
         if !dedup_window.is_zero() {
-            let expires = now + chrono_duration(dedup_window);
+            let expires = later(now, dedup_window);
             self.dedup.insert(id, (expires, receipt.clone()));
             self.dedup_order.push_back((expires, id));
         }
@@ -310,7 +402,7 @@ impl State {
         let Some(max_age) = self.channels[index].config.max_age else {
             return;
         };
-        let cutoff = now - chrono_duration(max_age);
+        let cutoff = earlier(now, max_age);
         loop {
             let channel = &mut self.channels[index];
             let Some(lane) = channel.oldest_lane() else {
@@ -339,17 +431,17 @@ impl State {
             self.groups
                 .get(g)
                 .and_then(|g| g.cursors.get(&index))
-                .is_some_and(|c| c[lane] <= msg.sequence)
+                .is_some_and(|c| c[lane] <= msg.lane_index)
         });
         if unread {
             self.channels[index].dropped += 1;
         }
     }
 
-    /// The lowest sequence of `lane` in channel `index` some group still needs.
+    /// The lowest lane index of `lane` in channel `index` some group still needs.
     fn settle_floor(&self, index: usize, lane: usize) -> u64 {
         let channel = &self.channels[index];
-        let mut floor = channel.next_sequence;
+        let mut floor = channel.lane_next[lane];
         for group_id in &channel.groups {
             let Some(group) = self.groups.get(group_id) else {
                 continue;
@@ -361,7 +453,7 @@ impl State {
                 if pending.msg.channel == index
                     && pending.msg.envelope.header.priority.lane() == lane
                 {
-                    floor = floor.min(pending.msg.sequence);
+                    floor = floor.min(pending.msg.lane_index);
                 }
             }
         }
@@ -390,7 +482,7 @@ impl State {
                 let floor = self.settle_floor(index, lane);
                 while self.channels[index].lanes[lane]
                     .front()
-                    .is_some_and(|m| m.sequence < floor)
+                    .is_some_and(|m| m.lane_index < floor)
                 {
                     self.remove_front(index, lane);
                 }
@@ -470,23 +562,27 @@ impl State {
             Some(name) => (Arc::from(name.as_str()), false),
             None => (Arc::from(format!("_private-{id}")), true),
         };
-        let mut cursors = HashMap::new();
+        let mut cursors = HashMap::default();
         for (index, channel) in self.channels.iter_mut().enumerate() {
             if !options.pattern.matches(&channel.name) {
                 continue;
             }
             channel.groups.push(id);
-            let mut cursor = [channel.next_sequence; 4];
+            let mut cursor = channel.lane_next;
             for (lane, messages) in channel.lanes.iter().enumerate() {
+                let first_at = |i: usize| {
+                    messages
+                        .get(i)
+                        .map_or(channel.lane_next[lane], |m| m.lane_index)
+                };
                 cursor[lane] = match options.start {
-                    StartPosition::New => channel.next_sequence,
-                    StartPosition::Earliest => 1,
-                    StartPosition::Sequence(s) => s.max(1),
+                    StartPosition::New => channel.lane_next[lane],
+                    StartPosition::Earliest => 0,
+                    StartPosition::Sequence(s) => {
+                        first_at(messages.partition_point(|m| m.sequence < s))
+                    }
                     StartPosition::Time(t) => {
-                        let i = messages.partition_point(|m| m.stored_at < t);
-                        messages
-                            .get(i)
-                            .map_or(channel.next_sequence, |m| m.sequence)
+                        first_at(messages.partition_point(|m| m.stored_at < t))
                     }
                 };
             }
@@ -502,9 +598,10 @@ impl State {
                 ack_wait: options.ack_wait,
                 max_deliveries: options.max_deliveries,
                 cursors,
-                pending: HashMap::new(),
+                pending: HashMap::default(),
                 ready: BinaryHeap::new(),
-                members: HashMap::new(),
+                ack_deadlines: VecDeque::new(),
+                members: HashMap::default(),
                 delivered: 0,
                 acked: 0,
                 redelivered: 0,
@@ -608,11 +705,8 @@ impl State {
             return true;
         }
         group.cursors.iter().any(|(index, cursor)| {
-            self.channels[*index]
-                .lanes
-                .iter()
-                .zip(cursor)
-                .any(|(lane, c)| lane.back().is_some_and(|m| m.sequence >= *c))
+            let channel = &self.channels[*index];
+            (0..4).any(|lane| channel.unread(lane, cursor[lane]) > 0)
         })
     }
 
@@ -635,9 +729,7 @@ impl State {
         for (&index, cursor) in &group.cursors {
             let channel = &self.channels[index];
             for lane in (0..4).rev() {
-                let messages = &channel.lanes[lane];
-                let i = messages.partition_point(|m| m.sequence < cursor[lane]);
-                if let Some(msg) = messages.get(i) {
+                if let Some(msg) = channel.at_cursor(lane, cursor[lane]) {
                     let priority = msg.envelope.header.priority;
                     let better = best.as_ref().is_none_or(|(p, k, ..)| {
                         (priority, std::cmp::Reverse(msg.key)) > (*p, std::cmp::Reverse(*k))
@@ -667,7 +759,7 @@ impl State {
         }
         let (_, _, index, lane, msg) = best?;
         if let Some(cursor) = group.cursors.get_mut(&index) {
-            cursor[lane] = msg.sequence + 1;
+            cursor[lane] = msg.lane_index + 1;
         }
         Some((msg, false))
     }
@@ -724,6 +816,7 @@ impl State {
                     key: msg.key,
                     generation: 0,
                 }));
+                self.note_timer(not_before);
                 return None;
             }
         }
@@ -746,14 +839,18 @@ impl State {
         if let Some(m) = group.members.get_mut(&member) {
             m.in_flight += 1;
         }
-        self.timers.push(Reverse(Timer {
-            due: now + chrono_duration(group.ack_wait),
-            group: group_id,
-            key: msg.key,
-            generation,
-        }));
-        let mut envelope = msg.envelope.clone();
-        envelope.header.attempt = attempt;
+        let due = later(now, group.ack_wait);
+        group.ack_deadlines.push_back((due, msg.key, generation));
+        if group.ack_deadlines.len() == 1 {
+            self.note_timer(due);
+        }
+        let envelope = if attempt == 1 {
+            msg.envelope.clone()
+        } else {
+            let mut envelope = (*msg.envelope).clone();
+            envelope.header.attempt = attempt;
+            Arc::new(envelope)
+        };
         Some(Handout {
             envelope,
             sequence: msg.sequence,
@@ -777,7 +874,7 @@ impl State {
             }
             None => String::new(),
         };
-        let mut envelope = msg.envelope.clone();
+        let mut envelope = (*msg.envelope).clone();
         envelope.header.attempt = attempts;
         let letter = DeadLetter {
             id: MessageId::new(),
@@ -841,6 +938,9 @@ impl State {
                 );
             }
         }
+        if let Some(group) = self.groups.get_mut(&group_id) {
+            group.drop_settled_deadlines();
+        }
         Ok(())
     }
 
@@ -886,31 +986,61 @@ impl State {
             wake.push(group_id);
         } else {
             pending.state = PendingState::Scheduled;
+            let due = later(now, delay);
             self.timers.push(Reverse(Timer {
-                due: now + chrono_duration(delay),
+                due,
                 group: group_id,
                 key,
                 generation: pending.generation,
             }));
+            self.note_timer(due);
         }
     }
 
     /// Fires every timer due at `now`: ack-wait expiries and scheduled deliveries.
     pub(crate) fn fire_timers(&mut self, now: DateTime<Utc>, wake: &mut Wake) {
+        let mut expired_acks = Vec::new();
+        for (&group_id, group) in &mut self.groups {
+            while let Some(&(due, key, generation)) = group.ack_deadlines.front() {
+                if due > now {
+                    break;
+                }
+                group.ack_deadlines.pop_front();
+                expired_acks.push(Timer {
+                    due,
+                    group: group_id,
+                    key,
+                    generation,
+                });
+            }
+        }
+        for timer in expired_acks {
+            self.fire(timer, now, wake);
+        }
         while let Some(Reverse(timer)) = self.timers.peek().copied() {
             if timer.due > now {
                 break;
             }
             self.timers.pop();
-            let Some(group) = self.groups.get_mut(&timer.group) else {
-                continue;
-            };
-            let Some(pending) = group.pending.get_mut(&timer.key) else {
-                continue;
-            };
-            if pending.generation != timer.generation {
-                continue;
-            }
+            self.fire(timer, now, wake);
+        }
+        for i in 0..self.aged_channels.len() {
+            let index = self.aged_channels[i];
+            self.trim_age(index, now);
+        }
+    }
+
+    fn fire(&mut self, timer: Timer, now: DateTime<Utc>, wake: &mut Wake) {
+        let Some(group) = self.groups.get_mut(&timer.group) else {
+            return;
+        };
+        let Some(pending) = group.pending.get_mut(&timer.key) else {
+            return;
+        };
+        if pending.generation != timer.generation {
+            return;
+        }
+        {
             match pending.state {
                 PendingState::InFlight { member } => {
                     if let Some(m) = group.members.get_mut(&member) {
@@ -936,9 +1066,6 @@ impl State {
                 }
                 PendingState::Ready => {}
             }
-        }
-        for index in 0..self.channels.len() {
-            self.trim_age(index, now);
         }
     }
 
@@ -1001,13 +1128,9 @@ impl State {
                     .cursors
                     .iter()
                     .map(|(index, cursor)| {
-                        self.channels[*index]
-                            .lanes
-                            .iter()
-                            .zip(cursor)
-                            .map(|(lane, c)| {
-                                (lane.len() - lane.partition_point(|m| m.sequence < *c)) as u64
-                            })
+                        let channel = &self.channels[*index];
+                        (0..4)
+                            .map(|lane| channel.unread(lane, cursor[lane]))
                             .sum::<u64>()
                     })
                     .sum();
