@@ -1,0 +1,156 @@
+//! Turning `--backend B` into a [`Transport`].
+//!
+//! The accepted forms are fixed here so every command reads them the same way. Only
+//! the embedded `memory` engine is built in so far; the other forms are recognized so
+//! that a user gets "not available in this build yet" (exit 1) rather than "bad
+//! backend" (exit 2) for a spelling that will work once that backend arrives.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use agentbus::{MemoryEngine, Transport};
+
+use crate::CliError;
+
+/// The forms `--backend` accepts, for error messages and help.
+const ACCEPTED: &str = "memory, file:DIR, redis://…, nats://…, amqp://…, kafka://… or postgres://…";
+
+/// A parsed `--backend` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BackendSpec {
+    /// The in-process memory engine.
+    Memory,
+    /// The durable log engine in a directory.
+    File(PathBuf),
+    /// A remote backend: its short name (`redis`, `nats`…) and the URL as given.
+    Remote {
+        /// `redis`, `nats`, `amqp`, `kafka` or `postgres`.
+        name: &'static str,
+        /// The whole URL.
+        url: String,
+    },
+}
+
+/// URL schemes and the backend each stands for.
+const SCHEMES: &[(&str, &str)] = &[
+    ("redis", "redis"),
+    ("rediss", "redis"),
+    ("nats", "nats"),
+    ("amqp", "amqp"),
+    ("amqps", "amqp"),
+    ("kafka", "kafka"),
+    ("postgres", "postgres"),
+    ("postgresql", "postgres"),
+];
+
+impl BackendSpec {
+    /// Parses a `--backend` value.
+    ///
+    /// # Errors
+    /// A usage error (exit 2) listing the accepted forms for anything unrecognized.
+    pub(crate) fn parse(spec: &str) -> Result<Self, CliError> {
+        let spec = spec.trim();
+        if spec.eq_ignore_ascii_case("memory") {
+            return Ok(BackendSpec::Memory);
+        }
+        if let Some(dir) = spec.strip_prefix("file:") {
+            if dir.is_empty() {
+                return Err(CliError::usage(
+                    "backend 'file:' needs a directory, e.g. --backend file:./data",
+                ));
+            }
+            return Ok(BackendSpec::File(PathBuf::from(dir)));
+        }
+        if let Some((scheme, rest)) = spec.split_once("://") {
+            let scheme = scheme.to_ascii_lowercase();
+            if let Some((_, name)) = SCHEMES.iter().find(|(s, _)| *s == scheme) {
+                if rest.is_empty() {
+                    return Err(CliError::usage(format!(
+                        "backend '{spec}' has no address after '://', e.g. --backend {scheme}://localhost"
+                    )));
+                }
+                return Ok(BackendSpec::Remote {
+                    name,
+                    url: spec.to_string(),
+                });
+            }
+        }
+        Err(CliError::usage(format!(
+            "unknown backend '{spec}': use {ACCEPTED} (or set AGENTBUS_BACKEND)"
+        )))
+    }
+
+    /// The backend's short name.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            BackendSpec::Memory => "memory",
+            BackendSpec::File(_) => "file",
+            BackendSpec::Remote { name, .. } => name,
+        }
+    }
+}
+
+/// Opens the backend `spec` names.
+///
+/// # Errors
+/// Exit 2 for a value that is not a backend at all; exit 1 for a recognized backend
+/// that this build cannot open yet.
+pub(crate) async fn open(spec: &str) -> Result<Arc<dyn Transport>, CliError> {
+    match BackendSpec::parse(spec)? {
+        BackendSpec::Memory => Ok(Arc::new(MemoryEngine::new())),
+        other => Err(CliError::failed(format!(
+            "backend '{}' is not available in this build yet; use --backend memory for now",
+            other.name()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_accepted_form() {
+        assert_eq!(BackendSpec::parse("memory").unwrap(), BackendSpec::Memory);
+        assert_eq!(BackendSpec::parse(" MEMORY ").unwrap(), BackendSpec::Memory);
+        assert_eq!(
+            BackendSpec::parse("file:/tmp/bus").unwrap(),
+            BackendSpec::File(PathBuf::from("/tmp/bus"))
+        );
+        for (url, name) in [
+            ("redis://localhost:6379", "redis"),
+            ("rediss://h", "redis"),
+            ("nats://127.0.0.1:4222", "nats"),
+            ("amqp://guest:guest@h/%2f", "amqp"),
+            ("kafka://broker:9092", "kafka"),
+            ("postgres://u@h/db", "postgres"),
+            ("postgresql://u@h/db", "postgres"),
+        ] {
+            assert_eq!(BackendSpec::parse(url).unwrap().name(), name, "{url}");
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_forms_with_the_list() {
+        for bad in ["", "mem", "file:", "http://x", "redis://", "sqlite:db"] {
+            let error = BackendSpec::parse(bad).unwrap_err();
+            assert_eq!(error.code(), 2, "{bad}");
+        }
+        let error = BackendSpec::parse("mongo://x").unwrap_err();
+        assert!(error.to_string().contains("file:DIR"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn only_memory_opens() {
+        let engine = open("memory").await.unwrap();
+        assert_eq!(engine.name(), "memory");
+        let error = open("redis://localhost").await.unwrap_err();
+        assert_eq!(error.code(), 1);
+        assert_eq!(
+            error.to_string(),
+            "backend 'redis' is not available in this build yet; use --backend memory for now"
+        );
+        assert_eq!(open("file:/tmp/x").await.unwrap_err().code(), 1);
+        assert_eq!(open("bogus").await.unwrap_err().code(), 2);
+    }
+}

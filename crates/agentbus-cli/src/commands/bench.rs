@@ -1,0 +1,106 @@
+//! `agentbus bench`: throughput and latency of the backend, with percentiles.
+//!
+//! Runs the workloads of the `agentbus-bench` crate: publish → deliver → ack with 1:1
+//! and 4:4 producers and consumers, and the request/reply round trip. Backends whose
+//! raw client can run the same workload print it beside ours (later issues).
+
+use clap::Args;
+
+use crate::Global;
+
+/// `agentbus bench [--messages N] [--payload BYTES] [--batch N] [--round-trips N]`.
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// Messages per pipeline run.
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: u64,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 256)]
+    payload: usize,
+    /// Messages per publish batch and per fetch.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Request/reply round trips.
+    #[arg(long, default_value_t = 20_000)]
+    round_trips: u64,
+    /// Producer:consumer shapes to run, e.g. `1:1,4:4`.
+    #[arg(long, default_value = "1:1,4:4")]
+    shapes: String,
+}
+
+fn parse_shapes(text: &str) -> Result<Vec<(usize, usize)>, crate::CliError> {
+    text.split(',')
+        .map(|shape| {
+            let (p, c) = shape.split_once(':').ok_or_else(|| {
+                crate::CliError::usage(format!(
+                    "bad shape '{shape}': use PRODUCERS:CONSUMERS, e.g. 4:4"
+                ))
+            })?;
+            let parse = |n: &str| {
+                n.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=256).contains(n))
+                    .ok_or_else(|| {
+                        crate::CliError::usage(format!(
+                            "bad count '{n}' in shape '{shape}': use 1-256"
+                        ))
+                    })
+            };
+            Ok((parse(p)?, parse(c)?))
+        })
+        .collect()
+}
+
+/// Runs the benchmark suite on the global backend.
+///
+/// # Errors
+/// Bad shapes (exit 2) or any backend error.
+pub(crate) async fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> {
+    let shapes = parse_shapes(&args.shapes)?;
+    if args.batch == 0 || args.messages == 0 {
+        return Err(crate::CliError::usage("--messages and --batch must be at least 1").into());
+    }
+    let mut reports = Vec::new();
+    for (producers, consumers) in shapes {
+        // A fresh engine per run, so one run's leftovers never slow the next.
+        let transport = crate::backend::open(&global.backend).await?;
+        let spec = agentbus_bench::PipelineSpec {
+            producers,
+            consumers,
+            messages: args.messages,
+            payload_bytes: args.payload,
+            batch: args.batch,
+            ..agentbus_bench::PipelineSpec::default()
+        };
+        let report = agentbus_bench::pipeline(transport, spec).await?;
+        if !global.json {
+            crate::output::line(report.line())?;
+        }
+        reports.push(report);
+    }
+    if args.round_trips > 0 {
+        let transport = crate::backend::open(&global.backend).await?;
+        let report = agentbus_bench::request_reply(transport, args.round_trips, 64).await?;
+        if !global.json {
+            crate::output::line(report.line())?;
+        }
+        reports.push(report);
+    }
+    if global.json {
+        crate::output::json_line(&reports)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_parse_and_bad_ones_are_usage_errors() {
+        assert_eq!(parse_shapes("1:1,4:4").unwrap(), vec![(1, 1), (4, 4)]);
+        assert_eq!(parse_shapes("4").unwrap_err().code(), 2);
+        assert_eq!(parse_shapes("0:1").unwrap_err().code(), 2);
+    }
+}
