@@ -23,7 +23,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::commands::{bench, dlq, publish, request, stats, subscribe};
+use crate::commands::{bench, dlq, doctor, publish, request, stats, subscribe};
 
 /// The kind `pub` and `req` give a message when `--kind` is not set.
 pub(crate) const DEFAULT_KIND: &str = "cli.message";
@@ -85,6 +85,8 @@ enum Command {
     Dlq(dlq::DlqCommand),
     /// Show channels, groups and dead-letter counts of the backend.
     Stats,
+    /// Read the backend's settings and say what a publish receipt guarantees there.
+    Doctor,
     /// Run a demo of one of the seed systems end to end on the embedded engine.
     Demo(DemoArgs),
     /// Measure throughput and p50/p99/p999 latency of the backend.
@@ -219,6 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Req(args) => request::run(&global, args).await,
         Command::Dlq(command) => dlq::run(&global, command).await,
         Command::Stats => stats::run(&global).await,
+        Command::Doctor => doctor::run(&global).await,
         Command::Demo(args) => demo::run_demo(&args.name, &args.args, &global).await,
         Command::Bench(args) => bench::run(&global, args).await,
     }

@@ -33,6 +33,6 @@ pub use memory::{MemoryEngine, MemoryEngineBuilder};
 pub use message::{KindRegistry, Message};
 pub use transport::{
     ack_all, Capabilities, ChannelConfig, ChannelStats, Consumer, DeadLetter, DeadLetterFilter,
-    Delivery, DeliveryHandle, Discard, EngineStats, GroupStats, PublishLimits, PublishReceipt,
-    Settlement, Settler, StartPosition, SubscribeOptions, Transport,
+    Delivery, DeliveryHandle, Discard, DurabilityReport, EngineStats, GroupStats, PublishLimits,
+    PublishReceipt, Settlement, Settler, StartPosition, SubscribeOptions, Transport,
 };

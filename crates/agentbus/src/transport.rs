@@ -592,6 +592,26 @@ pub struct EngineStats {
     pub rejected_full: u64,
     /// Messages dead-lettered as expired.
     pub expired: u64,
+    /// Engine-specific facts worth showing next to the counters, as name → value
+    /// (the durable engine's fsync policy and segment sizes, a server's version…).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub details: std::collections::BTreeMap<String, String>,
+}
+
+/// What a publish receipt guarantees on a transport, read from its settings by
+/// [`Transport::durability`] and printed by `agentbus doctor` (DESIGN §5, "durability
+/// honesty").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DurabilityReport {
+    /// The transport's name.
+    pub engine: String,
+    /// The settings read, as name → value (`appendfsync = everysec`…).
+    pub settings: std::collections::BTreeMap<String, String>,
+    /// In one or two plain sentences: what survives a process crash, a machine crash
+    /// or a power loss once a receipt was returned.
+    pub guarantee: String,
+    /// What the user can change to make a receipt stronger; empty when nothing can.
+    pub advice: Vec<String>,
 }
 
 /// An engine or backend: stores envelopes and delivers them under the contract.
@@ -667,6 +687,26 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
 
     /// Stops delivering; waiting consumers get [`ErrorKind::Closed`].
     async fn close(&self) -> Result<()>;
+
+    /// Reads the settings that decide what a receipt guarantees and says it plainly.
+    ///
+    /// The default describes a transport that keeps messages only in this process's
+    /// memory; every engine that stores elsewhere overrides it.
+    async fn durability(&self) -> Result<DurabilityReport> {
+        Ok(DurabilityReport {
+            engine: self.name().to_string(),
+            settings: [("storage".to_string(), "process memory".to_string())].into(),
+            guarantee: "A receipt means the message is held in this process's memory: \
+                        it survives nothing — a crash or exit of the process loses every \
+                        message and position."
+                .to_string(),
+            advice: vec![
+                "Use --backend file:DIR for the embedded durable log (fsync on every \
+                 receipt by default), or a server backend configured for durability."
+                    .to_string(),
+            ],
+        })
+    }
 }
 
 /// Limits every engine enforces at publish time.

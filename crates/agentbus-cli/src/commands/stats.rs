@@ -72,6 +72,14 @@ pub(crate) fn render(stats: &EngineStats) -> String {
             stats.dead_letters, stats.rejected_full, stats.expired
         ),
     ]
+    .into_iter()
+    .chain(
+        stats
+            .details
+            .iter()
+            .map(|(name, value)| format!("{name}: {value}")),
+    )
+    .collect::<Vec<_>>()
     .join("\n")
 }
 

@@ -1160,6 +1160,7 @@ impl State {
             dead_letters: self.dead.len() as u64,
             rejected_full: self.rejected_full,
             expired: self.expired,
+            details: Default::default(),
         }
     }
 }
