@@ -94,14 +94,14 @@ impl Default for PipelineSpec {
             messages: 1_000_000,
             payload_bytes: 256,
             batch: 256,
-            backlog: 65_536,
+            backlog: 8_192,
         }
     }
 }
 
-fn payload(base: Instant, size: usize) -> Bytes {
+fn payload(created_nanos: u64, size: usize) -> Bytes {
     let mut bytes = BytesMut::with_capacity(size.max(8));
-    bytes.put_u64(base.elapsed().as_nanos() as u64);
+    bytes.put_u64(created_nanos);
     bytes.resize(size.max(8), b'x');
     bytes.freeze()
 }
@@ -177,8 +177,8 @@ pub async fn pipeline(transport: Arc<dyn Transport>, spec: PipelineSpec) -> Resu
                         now.saturating_sub(sent_at(&delivery.envelope().payload))
                             .max(1),
                     );
-                    delivery.ack().await?;
                 }
+                agentbus::ack_all(&deliveries).await?;
                 received.fetch_add(
                     deliveries.len() as u64,
                     std::sync::atomic::Ordering::Relaxed,
@@ -198,26 +198,29 @@ pub async fn pipeline(transport: Arc<dyn Transport>, spec: PipelineSpec) -> Resu
             let mut sent = 0;
             while sent < share {
                 let n = (share - sent).min(spec.batch as u64) as usize;
-                let mut batch: Vec<Envelope> = (0..n)
+                // One timestamp per batch: every message of a batch is created at once.
+                let created = base.elapsed().as_nanos() as u64;
+                let batch: Vec<Envelope> = (0..n)
                     .map(|_| {
-                        Envelope::new(channel.clone(), "bench", payload(base, spec.payload_bytes))
+                        Envelope::new(
+                            channel.clone(),
+                            "bench",
+                            payload(created, spec.payload_bytes),
+                        )
                     })
                     .collect();
-                loop {
-                    let results = transport.publish_batch(batch.clone()).await;
-                    let mut retry = Vec::new();
-                    for (envelope, result) in batch.into_iter().zip(results) {
-                        match result {
-                            Ok(_) => sent += 1,
-                            Err(e) if e.kind() == ErrorKind::Full => retry.push(envelope),
-                            Err(e) => return Err(e),
-                        }
+                let mut full = false;
+                for result in transport.publish_batch(batch).await {
+                    match result {
+                        Ok(_) => sent += 1,
+                        // Refused messages are rebuilt in the next batch (with a fresh
+                        // timestamp) once consumers have made room.
+                        Err(e) if e.kind() == ErrorKind::Full => full = true,
+                        Err(e) => return Err(e),
                     }
-                    if retry.is_empty() {
-                        break;
-                    }
+                }
+                if full {
                     tokio::task::yield_now().await;
-                    batch = retry;
                 }
             }
             Ok::<_, agentbus::Error>(())

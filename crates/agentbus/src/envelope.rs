@@ -145,7 +145,26 @@ pub struct MessageId(pub Uuid);
 impl MessageId {
     /// A fresh, time-ordered id.
     pub fn new() -> Self {
-        MessageId(Uuid::now_v7())
+        Self::new_at(std::time::SystemTime::now())
+    }
+
+    /// A fresh id whose time part is `now`; ids made on one thread in the same
+    /// millisecond still sort in creation order.
+    ///
+    /// Header construction reads the clock once and uses it for both the id and the
+    /// timestamp. The counter context is per thread, so making ids never contends on
+    /// a lock shared by every thread (as `Uuid::now_v7` does).
+    pub fn new_at(now: std::time::SystemTime) -> Self {
+        thread_local! {
+            static CONTEXT: uuid::ContextV7 = uuid::ContextV7::new();
+        }
+        let since_epoch = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let timestamp = CONTEXT.with(|context| {
+            uuid::Timestamp::from_unix(context, since_epoch.as_secs(), since_epoch.subsec_nanos())
+        });
+        MessageId(Uuid::new_v7(timestamp))
     }
 }
 
@@ -236,11 +255,12 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 impl Header {
     /// A header with a fresh id, the current time, `kind` and defaults elsewhere.
     pub fn new(kind: impl Into<String>) -> Self {
+        let now = std::time::SystemTime::now();
         Header {
-            id: MessageId::new(),
+            id: MessageId::new_at(now),
             correlation_id: None,
             causation_id: None,
-            timestamp: Utc::now(),
+            timestamp: DateTime::<Utc>::from(now),
             sender: None,
             receiver: None,
             kind: kind.into(),
@@ -430,6 +450,19 @@ impl fmt::Display for DeadReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_made_on_one_thread_sort_in_creation_order_and_carry_the_header_time() {
+        let ids: Vec<MessageId> = (0..10_000).map(|_| MessageId::new()).collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "ids are strictly increasing"
+        );
+        let header = Header::new("k");
+        let id_millis = header.id.0.get_timestamp().unwrap().to_unix();
+        let id_millis = id_millis.0 * 1000 + u64::from(id_millis.1) / 1_000_000;
+        assert_eq!(id_millis as i64, header.timestamp.timestamp_millis());
+    }
 
     #[test]
     fn priority_parses_names_and_numbers() {

@@ -20,6 +20,10 @@ pub(crate) struct BenchArgs {
     /// Messages per publish batch and per fetch.
     #[arg(long, default_value_t = 256)]
     batch: usize,
+    /// The most messages waiting in the channel: producers that run ahead meet `Full`
+    /// and wait, so the run measures a steady state and the latency of a bounded queue.
+    #[arg(long, default_value_t = 8_192)]
+    backlog: u64,
     /// Request/reply round trips.
     #[arg(long, default_value_t = 20_000)]
     round_trips: u64,
@@ -58,8 +62,10 @@ fn parse_shapes(text: &str) -> Result<Vec<(usize, usize)>, crate::CliError> {
 /// Bad shapes (exit 2) or any backend error.
 pub(crate) async fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> {
     let shapes = parse_shapes(&args.shapes)?;
-    if args.batch == 0 || args.messages == 0 {
-        return Err(crate::CliError::usage("--messages and --batch must be at least 1").into());
+    if args.batch == 0 || args.messages == 0 || args.backlog == 0 {
+        return Err(
+            crate::CliError::usage("--messages, --batch and --backlog must be at least 1").into(),
+        );
     }
     let mut reports = Vec::new();
     for (producers, consumers) in shapes {
@@ -71,7 +77,7 @@ pub(crate) async fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> 
             messages: args.messages,
             payload_bytes: args.payload,
             batch: args.batch,
-            ..agentbus_bench::PipelineSpec::default()
+            backlog: args.backlog,
         };
         let report = agentbus_bench::pipeline(transport, spec).await?;
         if !global.json {
