@@ -156,7 +156,7 @@ impl MessageId {
     /// a lock shared by every thread (as `Uuid::now_v7` does).
     pub fn new_at(now: std::time::SystemTime) -> Self {
         thread_local! {
-            static CONTEXT: uuid::ContextV7 = uuid::ContextV7::new();
+            static CONTEXT: uuid::ContextV7 = const { uuid::ContextV7::new() };
         }
         let since_epoch = now
             .duration_since(std::time::UNIX_EPOCH)
