@@ -53,7 +53,7 @@ impl BenchReport {
     /// One line for people.
     pub fn line(&self) -> String {
         format!(
-            "{:<44} {:>10} msgs {:>8.3} s {:>12.0} msg/s   p50 {:>9.1} µs   p99 {:>9.1} µs   p999 {:>9.1} µs",
+            "{:<56} {:>9} msgs {:>8.3} s {:>12.0} msg/s   p50 {:>9.1} µs   p99 {:>9.1} µs   p999 {:>9.1} µs",
             self.name,
             self.messages,
             self.elapsed.as_secs_f64(),

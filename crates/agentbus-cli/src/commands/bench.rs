@@ -87,7 +87,13 @@ pub(crate) async fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> 
     }
     if args.round_trips > 0 {
         let transport = crate::backend::open(&global.backend).await?;
-        let report = agentbus_bench::request_reply(transport, args.round_trips, 64).await?;
+        let mut report = agentbus_bench::request_reply(transport, args.round_trips, 64).await?;
+        report.name.push_str(" (multi-thread)");
+        if !global.json {
+            crate::output::line(report.line())?;
+        }
+        reports.push(report);
+        let report = round_trips_on_one_thread(global.backend.clone(), args.round_trips).await?;
         if !global.json {
             crate::output::line(report.line())?;
         }
@@ -97,6 +103,27 @@ pub(crate) async fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> 
         crate::output::json_line(&reports)?;
     }
     Ok(())
+}
+
+/// The round-trip workload on a current-thread runtime of its own: requester,
+/// responder and inbox share one thread, so the figure is the bus's own cost without
+/// the cross-thread wake-ups a multi-thread runtime adds to every hop.
+async fn round_trips_on_one_thread(
+    backend: String,
+    round_trips: u64,
+) -> anyhow::Result<agentbus_bench::BenchReport> {
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let transport = crate::backend::open(&backend).await?;
+            let mut report = agentbus_bench::request_reply(transport, round_trips, 64).await?;
+            report.name.push_str(" (one thread)");
+            Ok(report)
+        })
+    })
+    .await?
 }
 
 #[cfg(test)]
