@@ -208,20 +208,17 @@ async fn verify(dir: &Path, seen: &Seen) {
         .await
         .unwrap();
     let mut back = 0usize;
-    loop {
-        match tokio::time::timeout(Duration::from_millis(500), group.next_batch(100_000)).await {
-            Ok(batch) => {
-                for d in batch.unwrap() {
-                    let id = d.envelope().header.id;
-                    assert!(!seen.acked.contains(&id), "acked message {id} came back");
-                    assert!(
-                        !seen.dead.contains(&id),
-                        "dead-lettered message {id} came back"
-                    );
-                    back += 1;
-                }
-            }
-            Err(_) => break,
+    while let Ok(batch) =
+        tokio::time::timeout(Duration::from_millis(500), group.next_batch(100_000)).await
+    {
+        for d in batch.unwrap() {
+            let id = d.envelope().header.id;
+            assert!(!seen.acked.contains(&id), "acked message {id} came back");
+            assert!(
+                !seen.dead.contains(&id),
+                "dead-lettered message {id} came back"
+            );
+            back += 1;
         }
     }
     println!(
