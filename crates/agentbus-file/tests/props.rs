@@ -385,14 +385,14 @@ async fn run_model(cmds: Vec<Cmd>) -> Result<(), TestCaseError> {
                 }
             }
             Cmd::Crash => {
-                consumer = None;
+                drop(consumer.take());
                 storage = storage.crash();
                 engine = open(&storage);
                 check(&engine, &model).await?;
                 consumer = Some(engine.subscribe(group()).await.unwrap());
             }
             Cmd::Reopen => {
-                consumer = None;
+                drop(consumer.take());
                 engine.close().await.unwrap();
                 engine = open(&storage);
                 check(&engine, &model).await?;
