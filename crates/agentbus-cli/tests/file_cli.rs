@@ -90,19 +90,18 @@ fn a_running_process_holds_the_lock() {
         .spawn()
         .unwrap();
     let pid = holder.id().to_string();
-    // Wait until it has the directory open.
-    let mut out = None;
-    for _ in 0..100 {
-        let o = agentbus(dir.path(), &["stats"]);
-        if o.status.code() == Some(1) {
-            out = Some(o);
+    // Wait until it has the directory open (its PID is in the lock file).
+    let lock = dir.path().join("LOCK");
+    for _ in 0..200 {
+        if std::fs::read_to_string(&lock).is_ok_and(|s| s.trim() == pid) {
             break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(25));
     }
+    let out = agentbus(dir.path(), &["stats"]);
     holder.kill().unwrap();
     holder.wait().unwrap();
-    let out = out.expect("the second process was refused");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("in use by another process") && err.contains(&pid),
