@@ -1,9 +1,10 @@
 //! Turning `--backend B` into a [`Transport`].
 //!
-//! The accepted forms are fixed here so every command reads them the same way. Only
-//! the embedded `memory` engine is built in so far; the other forms are recognized so
-//! that a user gets "not available in this build yet" (exit 1) rather than "bad
-//! backend" (exit 2) for a spelling that will work once that backend arrives.
+//! The accepted forms are fixed here so every command reads them the same way. The
+//! embedded `memory` engine and the durable log (`file:DIR`, `agentbus-file`) are
+//! built in; the other forms are recognized so that a user gets "not available in
+//! this build yet" (exit 1) rather than "bad backend" (exit 2) for a spelling that
+//! will work once that backend arrives.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -98,11 +99,40 @@ impl BackendSpec {
 pub(crate) async fn open(spec: &str) -> Result<Arc<dyn Transport>, CliError> {
     match BackendSpec::parse(spec)? {
         BackendSpec::Memory => Ok(Arc::new(MemoryEngine::new())),
+        BackendSpec::File(dir) => open_file(dir).await,
         other => Err(CliError::failed(format!(
             "backend '{}' is not available in this build yet; use --backend memory for now",
             other.name()
         ))),
     }
+}
+
+/// Opens the durable log in `dir`. A `?fsync=POLICY` suffix (`always`, `never`,
+/// `interval(100ms)`) chooses the fsync policy; the default is `always`.
+///
+/// # Errors
+/// Exit 2 for a bad fsync policy; exit 1 when the directory is locked by another
+/// process, damaged (the message says to run `agentbus repair DIR`) or unreadable.
+async fn open_file(dir: PathBuf) -> Result<Arc<dyn Transport>, CliError> {
+    let text = dir.to_string_lossy().into_owned();
+    let (path, options) = match text.split_once("?fsync=") {
+        Some((path, policy)) => {
+            let policy: agentbus_file::FsyncPolicy = policy
+                .parse()
+                .map_err(|e: agentbus::Error| CliError::usage(e.to_string()))?;
+            (
+                PathBuf::from(path),
+                agentbus_file::FileOptions::default().fsync(policy),
+            )
+        }
+        None => (dir, agentbus_file::FileOptions::default()),
+    };
+    let engine =
+        tokio::task::spawn_blocking(move || agentbus_file::FileEngine::open(path, options))
+            .await
+            .map_err(|e| CliError::failed(format!("opening the durable log failed: {e}")))?
+            .map_err(|e| CliError::failed(e.to_string()))?;
+    Ok(Arc::new(engine))
 }
 
 #[cfg(test)]
@@ -141,7 +171,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_memory_opens() {
+    async fn memory_and_file_open() {
         let engine = open("memory").await.unwrap();
         assert_eq!(engine.name(), "memory");
         let error = open("redis://localhost").await.unwrap_err();
@@ -150,7 +180,16 @@ mod tests {
             error.to_string(),
             "backend 'redis' is not available in this build yet; use --backend memory for now"
         );
-        assert_eq!(open("file:/tmp/x").await.unwrap_err().code(), 1);
+        let dir = tempfile::tempdir().unwrap();
+        let spec = format!("file:{}?fsync=interval(50ms)", dir.path().display());
+        let engine = open(&spec).await.unwrap();
+        assert_eq!(engine.name(), "file");
+        assert_eq!(
+            engine.stats().await.unwrap().details["fsync"],
+            "interval(50ms)"
+        );
+        let bad = format!("file:{}?fsync=sometimes", dir.path().display());
+        assert_eq!(open(&bad).await.unwrap_err().code(), 2);
         assert_eq!(open("bogus").await.unwrap_err().code(), 2);
     }
 }

@@ -23,7 +23,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::commands::{bench, dlq, doctor, publish, request, stats, subscribe};
+use crate::commands::{bench, dlq, doctor, publish, repair, request, stats, subscribe};
 
 /// The kind `pub` and `req` give a message when `--kind` is not set.
 pub(crate) const DEFAULT_KIND: &str = "cli.message";
@@ -50,10 +50,11 @@ pub(crate) struct Global {
     /// Where messages live: memory, file:DIR, redis://…, nats://…, amqp://…, kafka://…
     /// or postgres://….
     ///
-    /// Only `memory` is available in this build; the others are recognized and arrive
-    /// in later releases. With `memory` the engine lives inside this one agentbus
-    /// process: a `pub` in one invocation is not seen by a `sub` in another (the
-    /// durable `file:DIR` engine will make that work).
+    /// `memory` and `file:DIR` are available in this build; the others are recognized
+    /// and arrive in later releases. With `memory` the engine lives inside this one
+    /// agentbus process: a `pub` in one invocation is not seen by a `sub` in another.
+    /// `file:DIR` is the durable log in DIR, shared by invocations one after another
+    /// (append `?fsync=always|never|interval(MS)` to choose the fsync policy).
     #[arg(
         long,
         global = true,
@@ -91,6 +92,8 @@ enum Command {
     Demo(DemoArgs),
     /// Measure throughput and p50/p99/p999 latency of the backend.
     Bench(bench::BenchArgs),
+    /// Make a damaged durable log (file:DIR) openable again, quarantining the damage.
+    Repair(repair::RepairArgs),
 }
 
 /// `agentbus demo <NAME> [ARGS]...`.
@@ -224,6 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Doctor => doctor::run(&global).await,
         Command::Demo(args) => demo::run_demo(&args.name, &args.args, &global).await,
         Command::Bench(args) => bench::run(&global, args).await,
+        Command::Repair(args) => repair::run(&global, args).await,
     }
 }
 

@@ -277,7 +277,6 @@ fn later_backends_are_exit_1_not_available() {
     for (spec, name) in [
         ("redis://localhost:6379", "redis"),
         ("nats://localhost:4222", "nats"),
-        ("file:/tmp/agentbus", "file"),
     ] {
         let output = agentbus(&["pub", "a.b", "{}", "--backend", spec]);
         assert_one_line_error(&output, 1, "not available");

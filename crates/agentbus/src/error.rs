@@ -49,6 +49,12 @@ pub enum ErrorKind {
     Handler,
     /// Something that should not happen; a bug in agentbus.
     Internal,
+    /// A durable engine's data directory is held by another process (the message
+    /// names its PID).
+    DataDirLocked,
+    /// Stored data failed its checksum or does not decode; the message names the
+    /// file and offset, and how to repair.
+    Corrupt,
 }
 
 impl ErrorKind {
@@ -71,6 +77,8 @@ impl ErrorKind {
             ErrorKind::Backend => "backend",
             ErrorKind::Handler => "handler",
             ErrorKind::Internal => "internal",
+            ErrorKind::DataDirLocked => "data_dir_locked",
+            ErrorKind::Corrupt => "corrupt",
         }
     }
 }

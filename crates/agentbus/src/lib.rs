@@ -17,6 +17,13 @@ pub mod memory;
 pub mod message;
 pub mod transport;
 
+/// The memory engine's delivery state machine, for engines that reuse it (the
+/// durable log in `agentbus-file` replays its journal through it). Not a stable API.
+#[doc(hidden)]
+pub mod engine_core {
+    pub use crate::memory::state::*;
+}
+
 pub use agent::{
     Agent, AgentBuilder, AgentDescriptor, Backoff, Context, HandlerError, HandlerOptions,
     HandlerResult, Reject, ShutdownReport,

@@ -8,6 +8,7 @@ pub(crate) mod bench;
 pub(crate) mod dlq;
 pub(crate) mod doctor;
 pub(crate) mod publish;
+pub(crate) mod repair;
 pub(crate) mod request;
 pub(crate) mod stats;
 pub(crate) mod subscribe;

@@ -7,7 +7,8 @@
 //! scheduled delivery; every operation also fires due timers itself, so with a
 //! [`ManualClock`](crate::ManualClock) a test sees the effect of `advance` at once.
 
-mod state;
+#[doc(hidden)]
+pub mod state;
 
 use std::collections::HashMap;
 use std::fmt;

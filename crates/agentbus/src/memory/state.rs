@@ -7,6 +7,11 @@
 //! delay) or ready (due for redelivery). Deliveries pick, among everything ready, the
 //! highest priority and then the oldest message.
 //!
+//! The durable log engine (`agentbus-file`) drives this same machine through
+//! [`crate::engine_core`]: every call is deterministic given its inputs (`now` and
+//! the arguments; dead-letter ids too once [`State::deterministic_dead_ids`] is set), so
+//! replaying a journal of calls rebuilds the state exactly.
+//!
 //! Retention trims a channel's log from the front. Messages every group has settled go
 //! first; only then does the channel's discard policy decide between dropping unread
 //! messages (counted) and refusing the publish with `Full`.
@@ -30,17 +35,17 @@ use crate::transport::{
 
 /// A stored message. `key` is unique across the engine and is the delivery token.
 #[derive(Debug)]
-pub(crate) struct Stored {
-    pub(crate) key: u64,
-    pub(crate) sequence: u64,
+pub struct Stored {
+    pub key: u64,
+    pub sequence: u64,
     /// Position in its priority lane; contiguous per lane, so a cursor finds its next
     /// message by subtraction.
-    pub(crate) lane_index: u64,
-    pub(crate) channel: usize,
+    pub lane_index: u64,
+    pub channel: usize,
     /// Stored with `attempt = 1`, so a first delivery shares it without copying.
-    pub(crate) envelope: Arc<Envelope>,
-    pub(crate) stored_at: DateTime<Utc>,
-    pub(crate) size: u64,
+    pub envelope: Arc<Envelope>,
+    pub stored_at: DateTime<Utc>,
+    pub size: u64,
 }
 
 type Msg = Arc<Stored>;
@@ -87,8 +92,8 @@ impl ChannelState {
     }
 }
 
-pub(crate) type GroupId = u64;
-pub(crate) type MemberId = u64;
+pub type GroupId = u64;
+pub type MemberId = u64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PendingState {
@@ -182,15 +187,15 @@ struct Timer {
 
 /// One delivery handed out by [`State::take`].
 #[derive(Debug)]
-pub(crate) struct Handout {
-    pub(crate) envelope: Arc<Envelope>,
-    pub(crate) sequence: u64,
-    pub(crate) key: u64,
+pub struct Handout {
+    pub envelope: Arc<Envelope>,
+    pub sequence: u64,
+    pub key: u64,
 }
 
 /// What [`State::take`] found.
 #[derive(Debug)]
-pub(crate) enum Take {
+pub enum Take {
     /// Deliveries (maybe with more ready behind them).
     Some(Vec<Handout>, bool),
     /// Nothing ready now.
@@ -200,10 +205,10 @@ pub(crate) enum Take {
 }
 
 /// Every group to wake after a state change.
-pub(crate) type Wake = Vec<GroupId>;
+pub type Wake = Vec<GroupId>;
 
 #[derive(Debug, Default)]
-pub(crate) struct State {
+pub struct State {
     channels: Vec<ChannelState>,
     channel_index: HashMap<ChannelName, usize>,
     channel_configs: Vec<(ChannelPattern, ChannelConfig)>,
@@ -221,16 +226,20 @@ pub(crate) struct State {
     /// Channels with an age limit, trimmed when timers fire.
     aged_channels: Vec<usize>,
     /// What the timer task sleeps until (`None`: until told).
-    pub(crate) timer_sleeping_until: Option<DateTime<Utc>>,
+    pub timer_sleeping_until: Option<DateTime<Utc>>,
     /// Set when a timer earlier than the timer task's sleep was added.
     timer_wake: bool,
     /// The most dead letters kept; the oldest beyond it are dropped (counted).
-    pub(crate) max_dead_letters: usize,
+    pub max_dead_letters: usize,
     dead_dropped: u64,
+    /// When set, dead-letter ids are derived from `now` and a counter instead of
+    /// drawn at random, so a replayed journal recreates the same ids.
+    pub deterministic_dead_ids: bool,
+    dead_id_counter: u64,
 }
 
 impl State {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         State {
             max_dead_letters: 100_000,
             ..State::default()
@@ -292,12 +301,12 @@ impl State {
     }
 
     /// Whether the timer task must wake because an earlier timer appeared; resets.
-    pub(crate) fn take_timer_wake(&mut self) -> bool {
+    pub fn take_timer_wake(&mut self) -> bool {
         std::mem::take(&mut self.timer_wake)
     }
 
     /// The next time a timer is due.
-    pub(crate) fn next_due(&self) -> Option<DateTime<Utc>> {
+    pub fn next_due(&self) -> Option<DateTime<Utc>> {
         let scheduled = self.timers.peek().map(|Reverse(t)| t.due);
         let ack = self
             .groups
@@ -317,7 +326,7 @@ impl State {
         [scheduled, ack, aged].into_iter().flatten().min()
     }
 
-    pub(crate) fn configure(&mut self, pattern: ChannelPattern, config: ChannelConfig) {
+    pub fn configure(&mut self, pattern: ChannelPattern, config: ChannelConfig) {
         for (index, channel) in self.channels.iter_mut().enumerate() {
             if pattern.matches(&channel.name) {
                 channel.config = config.clone();
@@ -329,7 +338,7 @@ impl State {
         self.channel_configs.push((pattern, config));
     }
 
-    pub(crate) fn publish(
+    pub fn publish(
         &mut self,
         mut envelope: Envelope,
         now: DateTime<Utc>,
@@ -519,7 +528,7 @@ impl State {
         Ok(())
     }
 
-    pub(crate) fn join(
+    pub fn join(
         &mut self,
         options: &SubscribeOptions,
         now: DateTime<Utc>,
@@ -616,7 +625,7 @@ impl State {
 
     /// A member leaves: its unsettled deliveries become ready again at once; a private
     /// group with no members left is deleted.
-    pub(crate) fn leave(&mut self, group_id: GroupId, member: MemberId, wake: &mut Wake) {
+    pub fn leave(&mut self, group_id: GroupId, member: MemberId, wake: &mut Wake) {
         let Some(group) = self.groups.get_mut(&group_id) else {
             return;
         };
@@ -639,6 +648,20 @@ impl State {
         }
     }
 
+    /// Every member of every group leaves, in a fixed order: what a restart of the
+    /// process means for its consumers (their unsettled deliveries become ready).
+    pub fn leave_all(&mut self, wake: &mut Wake) {
+        let mut members: Vec<(GroupId, MemberId)> = self
+            .groups
+            .iter()
+            .flat_map(|(&g, group)| group.members.keys().map(move |&m| (g, m)))
+            .collect();
+        members.sort_unstable();
+        for (group, member) in members {
+            self.leave(group, member, wake);
+        }
+    }
+
     fn remove_group(&mut self, group_id: GroupId) {
         if let Some(group) = self.groups.remove(&group_id) {
             self.group_names.remove(&group.name);
@@ -648,11 +671,11 @@ impl State {
         }
     }
 
-    pub(crate) fn has_group(&self, group_id: GroupId) -> bool {
+    pub fn has_group(&self, group_id: GroupId) -> bool {
         self.groups.contains_key(&group_id)
     }
 
-    pub(crate) fn delete_group(&mut self, name: &str) -> Result<()> {
+    pub fn delete_group(&mut self, name: &str) -> Result<()> {
         let id = self.group_names.get(name).copied().ok_or_else(|| {
             Error::new(
                 ErrorKind::NotFound,
@@ -664,7 +687,7 @@ impl State {
     }
 
     /// Hands member `member` of `group_id` up to `max` deliveries.
-    pub(crate) fn take(
+    pub fn take(
         &mut self,
         group_id: GroupId,
         member: MemberId,
@@ -876,8 +899,14 @@ impl State {
         };
         let mut envelope = (*msg.envelope).clone();
         envelope.header.attempt = attempts;
+        let id = if self.deterministic_dead_ids {
+            self.dead_id_counter += 1;
+            deterministic_id(now, self.dead_id_counter)
+        } else {
+            MessageId::new()
+        };
         let letter = DeadLetter {
-            id: MessageId::new(),
+            id,
             envelope,
             group,
             reason,
@@ -892,7 +921,7 @@ impl State {
         }
     }
 
-    pub(crate) fn settle(
+    pub fn settle(
         &mut self,
         group_id: GroupId,
         key: u64,
@@ -998,7 +1027,7 @@ impl State {
     }
 
     /// Fires every timer due at `now`: ack-wait expiries and scheduled deliveries.
-    pub(crate) fn fire_timers(&mut self, now: DateTime<Utc>, wake: &mut Wake) {
+    pub fn fire_timers(&mut self, now: DateTime<Utc>, wake: &mut Wake) {
         let mut expired_acks = Vec::new();
         for (&group_id, group) in &mut self.groups {
             while let Some(&(due, key, generation)) = group.ack_deadlines.front() {
@@ -1069,7 +1098,7 @@ impl State {
         }
     }
 
-    pub(crate) fn dead_letters(&self, filter: &DeadLetterFilter) -> Vec<DeadLetter> {
+    pub fn dead_letters(&self, filter: &DeadLetterFilter) -> Vec<DeadLetter> {
         self.dead
             .values()
             .filter(|l| filter.accepts(l))
@@ -1078,22 +1107,22 @@ impl State {
             .collect()
     }
 
-    pub(crate) fn dead_letter_by_id(&self, id: MessageId) -> Result<DeadLetter> {
+    pub fn dead_letter_by_id(&self, id: MessageId) -> Result<DeadLetter> {
         self.dead
             .get(&id)
             .cloned()
             .ok_or_else(|| dead_not_found(id))
     }
 
-    pub(crate) fn take_dead_letter(&mut self, id: MessageId) -> Result<DeadLetter> {
+    pub fn take_dead_letter(&mut self, id: MessageId) -> Result<DeadLetter> {
         self.dead.remove(&id).ok_or_else(|| dead_not_found(id))
     }
 
-    pub(crate) fn restore_dead_letter(&mut self, letter: DeadLetter) {
+    pub fn restore_dead_letter(&mut self, letter: DeadLetter) {
         self.dead.insert(letter.id, letter);
     }
 
-    pub(crate) fn purge_dead_letters(&mut self, filter: &DeadLetterFilter) -> u64 {
+    pub fn purge_dead_letters(&mut self, filter: &DeadLetterFilter) -> u64 {
         let ids: Vec<MessageId> = self
             .dead
             .values()
@@ -1107,7 +1136,7 @@ impl State {
         ids.len() as u64
     }
 
-    pub(crate) fn stats(&self, engine: &str) -> EngineStats {
+    pub fn stats(&self, engine: &str) -> EngineStats {
         let channels = self
             .channels
             .iter()
@@ -1163,6 +1192,17 @@ impl State {
             details: Default::default(),
         }
     }
+}
+
+/// A UUIDv7 made of `now`'s milliseconds and a counter: time-ordered like
+/// [`MessageId::new`] (the counter orders ids of the same millisecond), and the same
+/// every time the same inputs come.
+fn deterministic_id(now: DateTime<Utc>, counter: u64) -> MessageId {
+    let millis = u64::try_from(now.timestamp_millis()).unwrap_or(0);
+    // Bytes 0 and 2 carry the version and variant bits; the counter goes after them.
+    let mut bytes = [0u8; 10];
+    bytes[3..].copy_from_slice(&counter.to_be_bytes()[1..]);
+    MessageId(uuid::Builder::from_unix_timestamp_millis(millis, &bytes).into_uuid())
 }
 
 fn already_settled(why: &str) -> Error {
