@@ -1,7 +1,8 @@
 //! Turning `--backend B` into a [`Transport`].
 //!
-//! The accepted forms are fixed here so every command reads them the same way. Only
-//! the embedded `memory` engine is built in so far; the other forms are recognized so
+//! The accepted forms are fixed here so every command reads them the same way. Built
+//! in so far: the embedded `memory` engine and `redis://` / `rediss://`
+//! (`agentbus-redis`; `?prefix=NAME` picks the key prefix); the other forms are recognized so
 //! that a user gets "not available in this build yet" (exit 1) rather than "bad
 //! backend" (exit 2) for a spelling that will work once that backend arrives.
 
@@ -98,6 +99,15 @@ impl BackendSpec {
 pub(crate) async fn open(spec: &str) -> Result<Arc<dyn Transport>, CliError> {
     match BackendSpec::parse(spec)? {
         BackendSpec::Memory => Ok(Arc::new(MemoryEngine::new())),
+        BackendSpec::Remote { name: "redis", url } => {
+            let redis = agentbus_redis::RedisTransport::connect(
+                &url,
+                agentbus_redis::RedisOptions::default(),
+            )
+            .await
+            .map_err(|e| CliError::failed(e.to_string()))?;
+            Ok(Arc::new(redis))
+        }
         other => Err(CliError::failed(format!(
             "backend '{}' is not available in this build yet; use --backend memory for now",
             other.name()
@@ -144,11 +154,11 @@ mod tests {
     async fn only_memory_opens() {
         let engine = open("memory").await.unwrap();
         assert_eq!(engine.name(), "memory");
-        let error = open("redis://localhost").await.unwrap_err();
+        let error = open("kafka://localhost").await.unwrap_err();
         assert_eq!(error.code(), 1);
         assert_eq!(
             error.to_string(),
-            "backend 'redis' is not available in this build yet; use --backend memory for now"
+            "backend 'kafka' is not available in this build yet; use --backend memory for now"
         );
         assert_eq!(open("file:/tmp/x").await.unwrap_err().code(), 1);
         assert_eq!(open("bogus").await.unwrap_err().code(), 2);

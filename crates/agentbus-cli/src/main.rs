@@ -50,8 +50,9 @@ pub(crate) struct Global {
     /// Where messages live: memory, file:DIR, redis://…, nats://…, amqp://…, kafka://…
     /// or postgres://….
     ///
-    /// Only `memory` is available in this build; the others are recognized and arrive
-    /// in later releases. With `memory` the engine lives inside this one agentbus
+    /// Available in this build: `memory` and `redis://HOST:PORT[/DB][?prefix=NAME]`
+    /// (Redis 7+); the others are recognized and arrive in later
+    /// releases. With `memory` the engine lives inside this one agentbus
     /// process: a `pub` in one invocation is not seen by a `sub` in another (the
     /// durable `file:DIR` engine will make that work).
     #[arg(

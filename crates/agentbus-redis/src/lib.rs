@@ -180,6 +180,29 @@ impl fmt::Debug for RedisTransport {
     }
 }
 
+/// Takes a `prefix=NAME` query parameter out of a URL.
+fn split_prefix(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_string(), None);
+    };
+    let mut prefix = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.strip_prefix("prefix=") {
+            Some(p) => {
+                prefix = Some(p.to_string());
+                false
+            }
+            None => !pair.is_empty(),
+        })
+        .collect();
+    if rest.is_empty() {
+        (base.to_string(), prefix)
+    } else {
+        (format!("{base}?{}", rest.join("&")), prefix)
+    }
+}
+
 /// Hides a password in a URL for messages.
 fn display_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -192,13 +215,19 @@ fn display_url(url: &str) -> String {
 
 impl RedisTransport {
     /// Connects to the server at `url` (`redis://host:port/db`, `rediss://…` for TLS
-    /// when built with TLS support), checks that it speaks Redis 7 or later and loads
+    /// when built with TLS support; a `prefix=NAME` query parameter, as in
+    /// `redis://host:6379/0?prefix=bus1`, overrides the key prefix), checks that it speaks Redis 7 or later and loads
     /// the scripts.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] for a malformed URL or prefix; [`ErrorKind::Backend`]
     /// when the server cannot be reached or is older than 7.0.
-    pub async fn connect(url: &str, options: RedisOptions) -> agentbus::Result<Self> {
+    pub async fn connect(url: &str, mut options: RedisOptions) -> agentbus::Result<Self> {
+        let (url, prefix) = split_prefix(url);
+        if let Some(prefix) = prefix {
+            options.prefix = prefix;
+        }
+        let url = url.as_str();
         let shown = display_url(url);
         if options.prefix.is_empty()
             || options
@@ -936,6 +965,22 @@ mod tests {
         let report = durability_report(facts);
         assert!(report.guarantee.contains("power loss"), "{report:?}");
         assert!(report.guarantee.contains("evict"), "{report:?}");
+    }
+
+    #[test]
+    fn prefix_comes_out_of_the_url() {
+        assert_eq!(
+            split_prefix("redis://h:1/0?prefix=bus1"),
+            ("redis://h:1/0".to_string(), Some("bus1".to_string()))
+        );
+        assert_eq!(
+            split_prefix("redis://h:1/0?protocol=resp3&prefix=x"),
+            (
+                "redis://h:1/0?protocol=resp3".to_string(),
+                Some("x".to_string())
+            )
+        );
+        assert_eq!(split_prefix("redis://h"), ("redis://h".to_string(), None));
     }
 
     #[test]
