@@ -1,10 +1,11 @@
 //! Turning `--backend B` into a [`Transport`].
 //!
-//! The accepted forms are fixed here so every command reads them the same way. The
-//! embedded `memory` engine and the durable log (`file:DIR`, `agentbus-file`) are
-//! built in; the other forms are recognized so that a user gets "not available in
-//! this build yet" (exit 1) rather than "bad backend" (exit 2) for a spelling that
-//! will work once that backend arrives.
+//! The accepted forms are fixed here so every command reads them the same way. Built
+//! in: the embedded `memory` engine, the durable log (`file:DIR`, `agentbus-file`) and
+//! `redis://` / `rediss://` (`agentbus-redis`; `?prefix=NAME` picks the key prefix).
+//! The other forms are recognized so that a user gets "not available in this build
+//! yet" (exit 1) rather than "bad backend" (exit 2) for a spelling that will work once
+//! that backend arrives.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -100,6 +101,15 @@ pub(crate) async fn open(spec: &str) -> Result<Arc<dyn Transport>, CliError> {
     match BackendSpec::parse(spec)? {
         BackendSpec::Memory => Ok(Arc::new(MemoryEngine::new())),
         BackendSpec::File(dir) => open_file(dir).await,
+        BackendSpec::Remote { name: "redis", url } => {
+            let redis = agentbus_redis::RedisTransport::connect(
+                &url,
+                agentbus_redis::RedisOptions::default(),
+            )
+            .await
+            .map_err(|e| CliError::failed(e.to_string()))?;
+            Ok(Arc::new(redis))
+        }
         other => Err(CliError::failed(format!(
             "backend '{}' is not available in this build yet; use --backend memory for now",
             other.name()
@@ -174,11 +184,11 @@ mod tests {
     async fn memory_and_file_open() {
         let engine = open("memory").await.unwrap();
         assert_eq!(engine.name(), "memory");
-        let error = open("redis://localhost").await.unwrap_err();
+        let error = open("kafka://localhost").await.unwrap_err();
         assert_eq!(error.code(), 1);
         assert_eq!(
             error.to_string(),
-            "backend 'redis' is not available in this build yet; use --backend memory for now"
+            "backend 'kafka' is not available in this build yet; use --backend memory for now"
         );
         let dir = tempfile::tempdir().unwrap();
         let spec = format!("file:{}?fsync=interval(50ms)", dir.path().display());

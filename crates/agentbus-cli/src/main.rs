@@ -50,11 +50,12 @@ pub(crate) struct Global {
     /// Where messages live: memory, file:DIR, redis://…, nats://…, amqp://…, kafka://…
     /// or postgres://….
     ///
-    /// `memory` and `file:DIR` are available in this build; the others are recognized
-    /// and arrive in later releases. With `memory` the engine lives inside this one
-    /// agentbus process: a `pub` in one invocation is not seen by a `sub` in another.
-    /// `file:DIR` is the durable log in DIR, shared by invocations one after another
-    /// (append `?fsync=always|never|interval(MS)` to choose the fsync policy).
+    /// Available in this build: `memory`, `file:DIR` and
+    /// `redis://HOST:PORT[/DB][?prefix=NAME]` (Redis 7+); the others are recognized and
+    /// arrive in later releases. With `memory` the engine lives inside this one agentbus
+    /// process: a `pub` in one invocation is not seen by a `sub` in another. `file:DIR`
+    /// is the durable log in DIR, shared by invocations one after another (append
+    /// `?fsync=always|never|interval(MS)` to choose the fsync policy).
     #[arg(
         long,
         global = true,

@@ -275,7 +275,7 @@ fn unknown_backend_is_exit_2_listing_the_forms() {
 #[test]
 fn later_backends_are_exit_1_not_available() {
     for (spec, name) in [
-        ("redis://localhost:6379", "redis"),
+        ("kafka://localhost:9092", "kafka"),
         ("nats://localhost:4222", "nats"),
     ] {
         let output = agentbus(&["pub", "a.b", "{}", "--backend", spec]);

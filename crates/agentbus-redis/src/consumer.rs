@@ -1,0 +1,721 @@
+//! A subscription: the take loop, the blocking wait and settling.
+//!
+//! `next_batch` runs the `take` script (which hands out deliveries atomically, in
+//! priority order, within the prefetch) in a spawned task kept in the consumer, so a
+//! `next_batch` dropped halfway never loses what the script handed out: the next call
+//! picks the finished task up. When nothing is ready it waits with a non-consuming
+//! `XREAD BLOCK` on the group's streams, on a connection of its own, for at most
+//! [`BLOCK_SLICE`] or until the next scheduled redelivery, then takes again.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentbus::{
+    ChannelName, ChannelPattern, Consumer, DeadLetter, DeadReason, Delivery, Envelope, Error,
+    ErrorKind, MessageId, Settlement, Settler, SubscribeOptions,
+};
+use async_trait::async_trait;
+use chrono::Utc;
+use parking_lot::Mutex;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Value};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::util::{arr, bytes, int, millis, text};
+use crate::{scripts, start_args, Shared};
+
+/// The longest a waiting consumer blocks before it looks again for new channels,
+/// ack-wait expiries and due redeliveries.
+pub const BLOCK_SLICE: Duration = Duration::from_millis(100);
+
+#[derive(Debug)]
+struct InFlight {
+    stream: String,
+    id: String,
+    envelope: Arc<Envelope>,
+}
+
+/// What one subscription shares with its deliveries: settles go through here.
+pub(crate) struct Sub {
+    shared: Arc<Shared>,
+    group: Arc<str>,
+    consumer: String,
+    ack_wait: Duration,
+    max_deliveries: u32,
+    prefetch: usize,
+    in_flight: Mutex<HashMap<u64, InFlight>>,
+    next_token: AtomicU64,
+    settled: Notify,
+}
+
+impl fmt::Debug for Sub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettler")
+            .field("group", &self.group)
+            .field("consumer", &self.consumer)
+            .finish()
+    }
+}
+
+fn already_settled(why: &str) -> Error {
+    Error::new(
+        ErrorKind::AlreadySettled,
+        format!("this delivery can no longer be settled: {why}"),
+    )
+}
+
+impl Sub {
+    fn prefix(&self) -> &str {
+        self.shared.prefix()
+    }
+
+    /// Dead-letters an entry this consumer holds; false when it was no longer pending.
+    async fn dead_letter(
+        &self,
+        stream: &str,
+        id: &str,
+        envelope: &Envelope,
+        reason: DeadReason,
+        attempts: u32,
+        last_error: Option<String>,
+    ) -> agentbus::Result<bool> {
+        let mut envelope = envelope.clone();
+        envelope.header.attempt = attempts;
+        let letter = DeadLetter {
+            id: MessageId::new(),
+            envelope,
+            group: self.group.to_string(),
+            reason: reason.clone(),
+            attempts,
+            last_error,
+            dead_at: Utc::now(),
+        };
+        let json = serde_json::to_vec(&letter).map_err(|e| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("could not encode a dead letter: {e}"),
+            )
+        })?;
+        let mut inv = scripts::SETTLE.prepare_invoke();
+        inv.arg(self.prefix())
+            .arg(&*self.group)
+            .arg("dead")
+            .arg(stream)
+            .arg(id)
+            .arg(letter.id.to_string())
+            .arg(letter.envelope.channel.as_str())
+            .arg(reason.as_str())
+            .arg(json)
+            .arg(if reason == DeadReason::Expired {
+                "1"
+            } else {
+                "0"
+            });
+        let done: i64 = inv
+            .invoke_async(&mut self.shared.conn())
+            .await
+            .map_err(|e| self.shared.err("dead-letter", e))?;
+        Ok(done == 1)
+    }
+
+    async fn recorded_error(&self, stream: &str, id: &str) -> Option<String> {
+        let mut inv = scripts::ADMIN.prepare_invoke();
+        inv.arg(self.prefix())
+            .arg("error")
+            .arg(&*self.group)
+            .arg(stream)
+            .arg(id);
+        let v: Value = inv.invoke_async(&mut self.shared.conn()).await.ok()?;
+        bytes(&v).map(|b| String::from_utf8_lossy(b).into_owned())
+    }
+
+    fn take_in_flight(&self, token: u64) -> agentbus::Result<InFlight> {
+        let entry = self.in_flight.lock().remove(&token);
+        self.settled.notify_waiters();
+        entry.ok_or_else(|| already_settled("this subscription does not hold it"))
+    }
+}
+
+#[async_trait]
+impl Settler for Sub {
+    async fn settle(&self, token: u64, settlement: Settlement) -> agentbus::Result<()> {
+        let entry = self.take_in_flight(token)?;
+        let attempt = entry.envelope.header.attempt;
+        match settlement {
+            Settlement::Ack => {
+                let mut inv = scripts::SETTLE.prepare_invoke();
+                inv.arg(self.prefix())
+                    .arg(&*self.group)
+                    .arg("ack")
+                    .arg(&entry.stream)
+                    .arg(&entry.id);
+                let done: Vec<i64> = inv
+                    .invoke_async(&mut self.shared.conn())
+                    .await
+                    .map_err(|e| self.shared.err("XACK", e))?;
+                if done.first() != Some(&1) {
+                    return Err(already_settled(
+                        "the group no longer holds it unsettled (acked elsewhere or dead-lettered)",
+                    ));
+                }
+                Ok(())
+            }
+            Settlement::Nack { delay, error } => {
+                if attempt >= self.max_deliveries {
+                    let last = match error {
+                        Some(e) => Some(e),
+                        None => self.recorded_error(&entry.stream, &entry.id).await,
+                    }
+                    .or_else(|| Some(format!("not acked after {attempt} deliveries")));
+                    let done = self
+                        .dead_letter(
+                            &entry.stream,
+                            &entry.id,
+                            &entry.envelope,
+                            DeadReason::MaxDeliveries,
+                            attempt,
+                            last,
+                        )
+                        .await?;
+                    return if done {
+                        Ok(())
+                    } else {
+                        Err(already_settled("the group no longer holds it unsettled"))
+                    };
+                }
+                let due = millis(Utc::now()) + delay.as_millis().min(i64::MAX as u128 / 2) as i64;
+                let mut inv = scripts::SETTLE.prepare_invoke();
+                inv.arg(self.prefix())
+                    .arg(&*self.group)
+                    .arg("nack")
+                    .arg(&entry.stream)
+                    .arg(&entry.id)
+                    .arg(due)
+                    .arg(error.unwrap_or_default());
+                let done: i64 = inv
+                    .invoke_async(&mut self.shared.conn())
+                    .await
+                    .map_err(|e| self.shared.err("nack", e))?;
+                if done != 1 {
+                    return Err(already_settled("the group no longer holds it unsettled"));
+                }
+                Ok(())
+            }
+            Settlement::Reject { reason, error } => {
+                let done = self
+                    .dead_letter(
+                        &entry.stream,
+                        &entry.id,
+                        &entry.envelope,
+                        reason,
+                        attempt,
+                        Some(error),
+                    )
+                    .await?;
+                if done {
+                    Ok(())
+                } else {
+                    Err(already_settled("the group no longer holds it unsettled"))
+                }
+            }
+        }
+    }
+
+    async fn settle_many(&self, batch: Vec<(u64, Settlement)>) -> Vec<agentbus::Result<()>> {
+        if !batch.iter().all(|(_, s)| *s == Settlement::Ack) {
+            let mut results = Vec::with_capacity(batch.len());
+            for (token, settlement) in batch {
+                results.push(self.settle(token, settlement).await);
+            }
+            return results;
+        }
+        // All acks: one script call for the whole batch.
+        let entries: Vec<agentbus::Result<InFlight>> = batch
+            .iter()
+            .map(|(token, _)| self.take_in_flight(*token))
+            .collect();
+        let mut inv = scripts::SETTLE.prepare_invoke();
+        inv.arg(self.prefix()).arg(&*self.group).arg("ack");
+        for entry in entries.iter().flatten() {
+            inv.arg(&entry.stream).arg(&entry.id);
+        }
+        let done: redis::RedisResult<Vec<i64>> = inv.invoke_async(&mut self.shared.conn()).await;
+        let mut done = match done {
+            Ok(done) => done.into_iter(),
+            Err(e) => {
+                let error = self.shared.err("XACK", e);
+                let (kind, message) = (error.kind(), error.message().to_string());
+                return entries
+                    .iter()
+                    .map(|_| Err(Error::new(kind, message.clone()).set_temporary(true)))
+                    .collect();
+            }
+        };
+        entries
+            .into_iter()
+            .map(|entry| {
+                entry?;
+                if done.next() == Some(1) {
+                    Ok(())
+                } else {
+                    Err(already_settled(
+                        "the group no longer holds it unsettled (acked elsewhere or dead-lettered)",
+                    ))
+                }
+            })
+            .collect()
+    }
+}
+
+/// One item handed out by the take script.
+struct Taken {
+    stream: String,
+    id: String,
+    count: u32,
+    sequence: u64,
+    envelope: Envelope,
+}
+
+/// What one run of the take script produced, dead letters already written.
+struct TakeResult {
+    gone: bool,
+    chver: String,
+    next_due: Option<i64>,
+    deliver: Vec<Taken>,
+    last_ids: Vec<(String, String)>,
+}
+
+/// Runs the take script and dead-letters what it reports as expired or used up.
+async fn run_take(
+    sub: Arc<Sub>,
+    channels: Arc<Vec<String>>,
+    room: usize,
+) -> agentbus::Result<TakeResult> {
+    let now = millis(Utc::now());
+    let mut inv = scripts::TAKE.prepare_invoke();
+    inv.arg(sub.prefix())
+        .arg(&*sub.group)
+        .arg(&sub.consumer)
+        .arg(room)
+        .arg(now)
+        .arg(sub.ack_wait.as_millis() as u64)
+        .arg(sub.max_deliveries);
+    for channel in channels.iter() {
+        inv.arg(channel);
+    }
+    let reply: Value = inv
+        .invoke_async(&mut sub.shared.conn())
+        .await
+        .map_err(|e| sub.shared.err("take (XREADGROUP/XCLAIM)", e))?;
+    let parts = arr(&reply);
+    if parts.first().map(text).as_deref() == Some("gone") {
+        return Ok(TakeResult {
+            gone: true,
+            chver: String::new(),
+            next_due: None,
+            deliver: Vec::new(),
+            last_ids: Vec::new(),
+        });
+    }
+    let chver = parts.get(1).map(text).unwrap_or_default();
+    let next_due = parts
+        .get(2)
+        .map(text)
+        .and_then(|t| t.parse::<f64>().ok())
+        .map(|f| f as i64);
+    let mut deliver = Vec::new();
+    for item in parts.get(3).map(arr).unwrap_or(&[]) {
+        let fields = arr(item);
+        if fields.len() < 6 {
+            continue;
+        }
+        let kind = text(&fields[0]);
+        let stream = text(&fields[1]);
+        let id = text(&fields[2]);
+        let count = int(&fields[3]).max(0) as u32;
+        let sequence = int(&fields[5]).max(0) as u64;
+        let envelope = match bytes(&fields[4]).map(serde_json::from_slice::<Envelope>) {
+            Some(Ok(envelope)) => envelope,
+            other => {
+                // Not written by agentbus (or damaged): it cannot be delivered or
+                // dead-lettered as an envelope. Ack it away loudly.
+                tracing::error!(
+                    stream = %stream, entry = %id,
+                    "dropping a stream entry that is not an agentbus envelope: {:?}",
+                    other.map(|r| r.err())
+                );
+                let mut inv = scripts::SETTLE.prepare_invoke();
+                inv.arg(sub.prefix())
+                    .arg(&*sub.group)
+                    .arg("ack")
+                    .arg(&stream)
+                    .arg(&id);
+                let _: redis::RedisResult<Value> = inv.invoke_async(&mut sub.shared.conn()).await;
+                continue;
+            }
+        };
+        match kind.as_str() {
+            "deliver" => deliver.push(Taken {
+                stream,
+                id,
+                count,
+                sequence,
+                envelope,
+            }),
+            "expired" => {
+                let attempts = count.saturating_sub(1);
+                let deadline = envelope
+                    .header
+                    .deadline
+                    .map_or_else(String::new, |d| d.to_string());
+                let last = if attempts > 0 {
+                    sub.recorded_error(&stream, &id).await
+                } else {
+                    None
+                }
+                .or_else(|| Some(format!("deadline {deadline} passed before delivery")));
+                sub.dead_letter(&stream, &id, &envelope, DeadReason::Expired, attempts, last)
+                    .await?;
+            }
+            _ => {
+                let attempts = count.saturating_sub(1);
+                let last = sub.recorded_error(&stream, &id).await.or_else(|| {
+                    Some(format!(
+                        "ack_wait of {:?} expired without a settlement",
+                        sub.ack_wait
+                    ))
+                });
+                sub.dead_letter(
+                    &stream,
+                    &id,
+                    &envelope,
+                    DeadReason::MaxDeliveries,
+                    attempts,
+                    last,
+                )
+                .await?;
+            }
+        }
+    }
+    let last = parts.get(4).map(arr).unwrap_or(&[]);
+    let last_ids = last
+        .chunks(2)
+        .filter_map(|pair| match pair {
+            [k, v] => Some((text(k), text(v))),
+            _ => None,
+        })
+        .collect();
+    Ok(TakeResult {
+        gone: false,
+        chver,
+        next_due,
+        deliver,
+        last_ids,
+    })
+}
+
+/// A live subscription on Redis.
+pub(crate) struct RedisConsumer {
+    sub: Arc<Sub>,
+    pattern: ChannelPattern,
+    channels: Arc<Vec<String>>,
+    chver: Option<String>,
+    take: Option<JoinHandle<agentbus::Result<TakeResult>>>,
+    waiter: Option<MultiplexedConnection>,
+    last_ids: Vec<(String, String)>,
+    next_due: Option<i64>,
+}
+
+impl fmt::Debug for RedisConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConsumer")
+            .field("group", &self.sub.group)
+            .field("consumer", &self.sub.consumer)
+            .field("pattern", &self.pattern)
+            .field("channels", &self.channels.len())
+            .finish()
+    }
+}
+
+impl RedisConsumer {
+    pub(crate) async fn join(
+        shared: Arc<Shared>,
+        options: SubscribeOptions,
+    ) -> agentbus::Result<Self> {
+        let (group, ephemeral) = match &options.group {
+            Some(g) => (g.clone(), false),
+            None => (format!("_private-{}", uuid::Uuid::new_v4().simple()), true),
+        };
+        let consumer = format!("c-{}", uuid::Uuid::new_v4().simple());
+        let (kind, value) = start_args(options.start);
+        let mut inv = scripts::JOIN.prepare_invoke();
+        inv.arg(shared.prefix())
+            .arg(&group)
+            .arg(options.pattern.as_str())
+            .arg(if ephemeral { "1" } else { "0" })
+            .arg(options.ack_wait.as_millis() as u64)
+            .arg(options.max_deliveries)
+            .arg(kind)
+            .arg(value)
+            .arg(&consumer);
+        let reply: Value = inv
+            .invoke_async(&mut shared.conn())
+            .await
+            .map_err(|e| shared.err("join group", e))?;
+        let parts = arr(&reply);
+        if parts.first().map(text).as_deref() == Some("pattern") {
+            let existing = parts.get(1).map(text).unwrap_or_default();
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "group '{group}' already exists with pattern '{existing}', not '{}': use \
+                     another group name, or the same pattern",
+                    options.pattern
+                ),
+            ));
+        }
+        let ack_wait = parts
+            .get(1)
+            .map(int)
+            .filter(|n| *n > 0)
+            .map_or(options.ack_wait, |n| Duration::from_millis(n as u64));
+        let max_deliveries = parts
+            .get(2)
+            .map(int)
+            .filter(|n| *n > 0)
+            .map_or(options.max_deliveries, |n| n as u32);
+        Ok(RedisConsumer {
+            sub: Arc::new(Sub {
+                shared,
+                group: Arc::from(group),
+                consumer,
+                ack_wait,
+                max_deliveries,
+                prefetch: options.prefetch,
+                in_flight: Mutex::new(HashMap::new()),
+                next_token: AtomicU64::new(1),
+                settled: Notify::new(),
+            }),
+            pattern: options.pattern,
+            channels: Arc::new(Vec::new()),
+            chver: None,
+            take: None,
+            waiter: None,
+            last_ids: Vec::new(),
+            next_due: None,
+        })
+    }
+
+    async fn refresh_channels(&mut self) -> agentbus::Result<()> {
+        let shared = &self.sub.shared;
+        let mut conn = shared.conn();
+        let (version, names): (Option<String>, Vec<String>) = redis::pipe()
+            .cmd("GET")
+            .arg(format!("{}:chver", shared.prefix()))
+            .cmd("SMEMBERS")
+            .arg(format!("{}:channels", shared.prefix()))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| shared.err("SMEMBERS channels", e))?;
+        let mut channels: Vec<String> = names
+            .into_iter()
+            .filter(|n| ChannelName::new(n.as_str()).is_ok_and(|c| self.pattern.matches(&c)))
+            .collect();
+        channels.sort();
+        self.channels = Arc::new(channels);
+        self.chver = Some(version.unwrap_or_else(|| "0".into()));
+        Ok(())
+    }
+
+    /// Blocks until a stream of the group may have something, the next scheduled
+    /// redelivery is due, or [`BLOCK_SLICE`] passed.
+    async fn wait(&mut self) -> agentbus::Result<()> {
+        let mut slice = BLOCK_SLICE;
+        if let Some(due) = self.next_due {
+            let until = due - millis(Utc::now());
+            slice = slice.min(Duration::from_millis(until.max(1) as u64));
+        }
+        if self.last_ids.is_empty() {
+            tokio::time::sleep(slice).await;
+            return Ok(());
+        }
+        if self.waiter.is_none() {
+            let config = AsyncConnectionConfig::new()
+                .set_response_timeout(Some(BLOCK_SLICE + self.sub.shared.options.response_timeout))
+                .set_connection_timeout(Some(self.sub.shared.options.connection_timeout));
+            match self
+                .sub
+                .shared
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            {
+                Ok(conn) => self.waiter = Some(conn),
+                Err(e) => {
+                    tracing::warn!("redis consumer cannot open its wait connection: {e}");
+                    tokio::time::sleep(slice).await;
+                    return Ok(());
+                }
+            }
+        }
+        let Some(conn) = self.waiter.as_mut() else {
+            return Ok(());
+        };
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(slice.as_millis().max(1) as u64)
+            .arg("STREAMS");
+        for (stream, _) in &self.last_ids {
+            cmd.arg(stream);
+        }
+        for (_, id) in &self.last_ids {
+            cmd.arg(id);
+        }
+        let result: redis::RedisResult<Value> = cmd.query_async(conn).await;
+        if let Err(e) = result {
+            tracing::debug!("redis consumer wait failed, reconnecting: {e}");
+            self.waiter = None;
+            tokio::time::sleep(slice).await;
+        }
+        Ok(())
+    }
+
+    fn room(&self, max: usize) -> usize {
+        let held = self.sub.in_flight.lock().len();
+        self.sub.prefetch.saturating_sub(held).min(max.max(1))
+    }
+}
+
+#[async_trait]
+impl Consumer for RedisConsumer {
+    async fn next_batch(&mut self, max: usize) -> agentbus::Result<Vec<Delivery>> {
+        loop {
+            self.sub.shared.check_open()?;
+            if self.take.is_none() {
+                if self.chver.is_none() {
+                    self.refresh_channels().await?;
+                }
+                let room = self.room(max);
+                if room == 0 {
+                    let settled = self.sub.settled.notified();
+                    tokio::pin!(settled);
+                    settled.as_mut().enable();
+                    if self.room(max) == 0 {
+                        tokio::select! {
+                            _ = settled => {}
+                            _ = self.sub.shared.closed_notify.notified() => {}
+                            _ = tokio::time::sleep(BLOCK_SLICE) => {}
+                        }
+                    }
+                    continue;
+                }
+                let sub = self.sub.clone();
+                let channels = self.channels.clone();
+                self.take = Some(tokio::spawn(run_take(sub, channels, room)));
+            }
+            let Some(handle) = self.take.as_mut() else {
+                continue;
+            };
+            let joined = handle.await;
+            self.take = None;
+            let result = joined.map_err(|e| {
+                Error::new(
+                    ErrorKind::Internal,
+                    format!("the redis take task failed: {e}"),
+                )
+            })??;
+            if result.gone {
+                return Err(Error::new(
+                    ErrorKind::Closed,
+                    format!(
+                        "group '{}' was deleted: this subscription is closed; subscribe again to \
+                         recreate it",
+                        self.sub.group
+                    ),
+                ));
+            }
+            let channels_changed = self.chver.as_deref() != Some(result.chver.as_str());
+            self.next_due = result.next_due;
+            if !result.deliver.is_empty() {
+                let settler: Arc<dyn Settler> = self.sub.clone();
+                let mut out = Vec::with_capacity(result.deliver.len());
+                let mut held = self.sub.in_flight.lock();
+                for taken in result.deliver {
+                    let token = self.sub.next_token.fetch_add(1, Ordering::Relaxed);
+                    let mut envelope = taken.envelope;
+                    envelope.header.attempt = taken.count.max(1);
+                    let envelope = Arc::new(envelope);
+                    held.insert(
+                        token,
+                        InFlight {
+                            stream: taken.stream,
+                            id: taken.id,
+                            envelope: envelope.clone(),
+                        },
+                    );
+                    out.push(Delivery::new(
+                        envelope,
+                        taken.sequence,
+                        self.sub.group.clone(),
+                        token,
+                        settler.clone(),
+                    ));
+                }
+                drop(held);
+                if channels_changed {
+                    self.chver = None;
+                }
+                return Ok(out);
+            }
+            if channels_changed {
+                self.refresh_channels().await?;
+                continue;
+            }
+            self.last_ids = result.last_ids;
+            let shared = self.sub.shared.clone();
+            tokio::select! {
+                r = self.wait() => r?,
+                _ = shared.closed_notify.notified() => {}
+            }
+        }
+    }
+
+    fn group(&self) -> &str {
+        &self.sub.group
+    }
+}
+
+impl Drop for RedisConsumer {
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let sub = self.sub.clone();
+        let take = self.take.take();
+        runtime.spawn(async move {
+            if let Some(take) = take {
+                let _ = take.await;
+            }
+            let mut inv = scripts::ADMIN.prepare_invoke();
+            inv.arg(sub.prefix())
+                .arg("leave")
+                .arg(&*sub.group)
+                .arg(&sub.consumer)
+                .arg(millis(Utc::now()));
+            let result: redis::RedisResult<Value> = inv.invoke_async(&mut sub.shared.conn()).await;
+            if let Err(e) = result {
+                tracing::warn!(
+                    group = %sub.group,
+                    "could not hand a closed subscription's deliveries back (they return after \
+                     the ack wait): {e}"
+                );
+            }
+        });
+    }
+}
