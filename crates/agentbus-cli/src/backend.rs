@@ -98,6 +98,15 @@ impl BackendSpec {
 pub(crate) async fn open(spec: &str) -> Result<Arc<dyn Transport>, CliError> {
     match BackendSpec::parse(spec)? {
         BackendSpec::Memory => Ok(Arc::new(MemoryEngine::new())),
+        BackendSpec::Remote { name: "nats", url } => {
+            match agentbus_nats::NatsTransport::connect_url(&url).await {
+                Ok(transport) => Ok(Arc::new(transport)),
+                Err(e) if e.kind() == agentbus::ErrorKind::InvalidInput => {
+                    Err(CliError::usage(e.to_string()))
+                }
+                Err(e) => Err(CliError::failed(e.to_string())),
+            }
+        }
         other => Err(CliError::failed(format!(
             "backend '{}' is not available in this build yet; use --backend memory for now",
             other.name()

@@ -276,7 +276,6 @@ fn unknown_backend_is_exit_2_listing_the_forms() {
 fn later_backends_are_exit_1_not_available() {
     for (spec, name) in [
         ("redis://localhost:6379", "redis"),
-        ("nats://localhost:4222", "nats"),
         ("file:/tmp/agentbus", "file"),
     ] {
         let output = agentbus(&["pub", "a.b", "{}", "--backend", spec]);

@@ -62,7 +62,7 @@ pub struct NatsOptions {
     /// How often an idle consumer looks for redeliveries that no new message announces
     /// (ack-wait expiries, delayed nacks of other processes); default 100 ms.
     pub idle_poll: Duration,
-    /// How long a private group's consumers outlive a vanished process (default 5 min).
+    /// How long a private group's consumers outlive a vanished process (default 30 s).
     pub private_inactive_threshold: Duration,
     /// The NATS monitoring endpoint (`http://host:8222`), read by `durability()` for
     /// the JetStream sync interval; default none (the interval is then reported as
@@ -84,7 +84,7 @@ impl Default for NatsOptions {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             max_dead_letters: 100_000,
             idle_poll: Duration::from_millis(100),
-            private_inactive_threshold: Duration::from_secs(300),
+            private_inactive_threshold: Duration::from_secs(30),
             monitor_url: None,
         }
     }
@@ -113,6 +113,70 @@ impl NatsOptions {
     pub fn monitor_url(mut self, url: impl Into<String>) -> Self {
         self.monitor_url = Some(url.into());
         self
+    }
+
+    /// Splits a backend URL into the server address and options. Query parameters set
+    /// options: `prefix`, `storage` (`file` | `memory`), `replicas`, `monitor` (the
+    /// monitoring endpoint, e.g. `http://127.0.0.1:8222`), `max_age_secs`,
+    /// `max_bytes`, `max_messages`; the rest of the URL goes to the client as is.
+    ///
+    /// ```
+    /// use agentbus_nats::{NatsOptions, NatsStorage};
+    ///
+    /// let (server, options) =
+    ///     NatsOptions::from_url("nats://127.0.0.1:4222?prefix=jobs&storage=memory")?;
+    /// assert_eq!(server, "nats://127.0.0.1:4222");
+    /// assert_eq!(options.prefix, "jobs");
+    /// assert_eq!(options.storage, NatsStorage::Memory);
+    /// # Ok::<(), agentbus::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// `InvalidInput` naming an unknown parameter or a bad value.
+    pub fn from_url(url: &str) -> Result<(String, NatsOptions)> {
+        let mut options = NatsOptions::default();
+        let Some((server, query)) = url.split_once('?') else {
+            return Ok((url.to_string(), options));
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let number = |what: &str| {
+                value.parse::<u64>().map_err(|_| {
+                    invalid_input(format!(
+                        "NATS URL parameter {what}={value:?} is not a whole number"
+                    ))
+                })
+            };
+            match key {
+                "prefix" => options.prefix = value.to_string(),
+                "storage" => {
+                    options.storage = match value {
+                        "file" => NatsStorage::File,
+                        "memory" => NatsStorage::Memory,
+                        _ => {
+                            return Err(invalid_input(format!(
+                                "NATS URL parameter storage={value:?}: use file or memory"
+                            )))
+                        }
+                    }
+                }
+                "replicas" => options.replicas = number("replicas")? as usize,
+                "monitor" => options.monitor_url = Some(value.to_string()),
+                "max_age_secs" => {
+                    options.max_age = Some(Duration::from_secs(number("max_age_secs")?))
+                }
+                "max_bytes" => options.max_bytes = Some(number("max_bytes")?),
+                "max_messages" => options.max_messages = Some(number("max_messages")?),
+                other => {
+                    return Err(invalid_input(format!(
+                        "unknown NATS URL parameter '{other}': use prefix, storage, replicas, \
+                         monitor, max_age_secs, max_bytes or max_messages"
+                    )))
+                }
+            }
+        }
+        options.validate()?;
+        Ok((server.to_string(), options))
     }
 
     /// The name of the stream holding the channels.

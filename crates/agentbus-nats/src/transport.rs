@@ -79,7 +79,6 @@ impl NatsTransport {
         options.validate()?;
         let client = async_nats::ConnectOptions::new()
             .name("agentbus")
-            .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
             .connect(url);
         let client = tokio::time::timeout(Duration::from_secs(10), client)
@@ -147,6 +146,16 @@ impl NatsTransport {
         Ok(NatsTransport { inner })
     }
 
+    /// Connects with a backend URL whose query sets the options (see
+    /// [`NatsOptions::from_url`]): what `--backend nats://…` uses.
+    ///
+    /// # Errors
+    /// As [`NatsOptions::from_url`] and [`NatsTransport::connect`].
+    pub async fn connect_url(url: &str) -> Result<NatsTransport> {
+        let (server, options) = NatsOptions::from_url(url)?;
+        NatsTransport::connect(&server, options).await
+    }
+
     /// The options in force.
     pub fn options(&self) -> &NatsOptions {
         &self.inner.options
@@ -174,6 +183,18 @@ impl NatsTransport {
             }
         }
         Ok(())
+    }
+
+    /// Connects to `url` and deletes the streams of `prefix` (see
+    /// [`NatsTransport::delete_prefix`]).
+    ///
+    /// # Errors
+    /// `Backend` when the server cannot be reached or a deletion fails.
+    pub async fn delete_prefix_at(url: &str, prefix: &str) -> Result<()> {
+        let client = async_nats::connect(url)
+            .await
+            .map_err(|e| backend(format!("connecting to {url}"), e))?;
+        NatsTransport::delete_prefix(&client, prefix).await
     }
 
     fn check_open(&self) -> Result<()> {
