@@ -493,6 +493,9 @@ impl Shared {
     }
 }
 
+/// The longest one pull request may stay unanswered.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn pump(
     shared: Arc<Shared>,
     lanes: Vec<PullConsumer>,
@@ -540,18 +543,42 @@ async fn pump(
                 if want == 0 {
                     break;
                 }
-                let batch = lane.fetch().max_messages(want).messages().await;
-                let mut batch = match batch {
-                    Ok(b) => b,
-                    Err(e) => {
+                // Bounded: while the connection is down a request may never be answered.
+                let fetched =
+                    tokio::time::timeout(FETCH_TIMEOUT, lane.fetch().max_messages(want).messages())
+                        .await;
+                let mut batch = match fetched {
+                    Ok(Ok(b)) => b,
+                    Ok(Err(e)) => {
                         failures += 1;
                         if failures == 1 || failures % 50 == 0 {
                             tracing::warn!(group = &*shared.group, "fetching failed: {e}");
                         }
                         break 'lanes;
                     }
+                    Err(_) => {
+                        failures += 1;
+                        if failures == 1 || failures % 50 == 0 {
+                            tracing::warn!(
+                                group = &*shared.group,
+                                "a fetch got no answer within {FETCH_TIMEOUT:?}"
+                            );
+                        }
+                        break 'lanes;
+                    }
                 };
-                while let Some(message) = batch.next().await {
+                loop {
+                    let message = match tokio::time::timeout(FETCH_TIMEOUT, batch.next()).await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(_) => {
+                            tracing::debug!(
+                                group = &*shared.group,
+                                "a fetch got no answer in time"
+                            );
+                            break;
+                        }
+                    };
                     let message = match message {
                         Ok(m) => m,
                         Err(e) => {

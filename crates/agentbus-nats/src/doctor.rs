@@ -40,7 +40,9 @@ pub(crate) async fn durability(inner: &Inner) -> Result<DurabilityReport> {
     let sync = match &inner.options.monitor_url {
         Some(url) => match read_sync_interval(url).await {
             Ok(Some(s)) => Some(s),
-            Ok(None) => None,
+            Ok(None) => Some(format!(
+                "{DEFAULT_SYNC} (the server default: its /varz shows no sync_interval setting)"
+            )),
             Err(e) => {
                 settings.insert("monitor".to_string(), format!("unreadable: {e}"));
                 None
