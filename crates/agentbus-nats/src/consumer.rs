@@ -496,6 +496,16 @@ impl Shared {
 /// The longest one pull request may stay unanswered.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The bit of the lane a notice's subject (`<prefix>.<lane>.<channel>`) names, in
+/// the order of [`LANES`].
+fn lane_bit(subject: &str) -> u8 {
+    let lane = subject.split('.').nth(1).and_then(|l| l.parse::<u8>().ok());
+    match lane {
+        Some(n @ 1..=4) => 1 << (4 - n),
+        _ => 0b1111,
+    }
+}
+
 async fn pump(
     shared: Arc<Shared>,
     lanes: Vec<PullConsumer>,
@@ -505,12 +515,16 @@ async fn pump(
     let mut closed = shared.inner.closed.subscribe();
     let idle_poll = shared.inner.options.idle_poll;
     let mut failures = 0u32;
+    let mut rang = 0u8;
+    let mut full_sweep = true;
     loop {
         if *closed.borrow() || tx.is_closed() {
             return;
         }
-        // Notices are only wake-up calls: drop what piled up.
-        while let Some(Some(_)) = bell.next().now_or_never() {}
+        // Notices are only wake-up calls: note which lanes rang, drop the rest.
+        while let Some(Some(notice)) = bell.next().now_or_never() {
+            rang |= lane_bit(&notice.subject);
+        }
         shared.housekeeping().await;
         let room = shared.permits.available_permits();
         let mut handed = 0usize;
@@ -538,10 +552,16 @@ async fn pump(
                     return;
                 }
             }
-            'lanes: for lane in &lanes {
+            // After a notice only the lanes that rang are asked (one round trip for a
+            // request); a timer, a settle or a busy loop asks every lane, highest first.
+            let only = if full_sweep { 0b1111 } else { rang };
+            'lanes: for (i, lane) in lanes.iter().enumerate() {
                 let want = room.saturating_sub(handed);
                 if want == 0 {
                     break;
+                }
+                if only & (1 << i) == 0 {
+                    continue;
                 }
                 // Bounded: while the connection is down a request may never be answered.
                 let fetched =
@@ -596,18 +616,30 @@ async fn pump(
                 }
             }
         }
+        rang = 0;
         if handed > 0 {
+            full_sweep = true;
             continue;
         }
         let mut sleep_for = idle_poll;
         if failures > 0 {
             sleep_for = sleep_for.max(Duration::from_millis(250));
         }
+        if !full_sweep {
+            // A notice can overtake the stream's store of its message: look again soon.
+            sleep_for = sleep_for.min(Duration::from_millis(2));
+        }
         if let Some(due) = shared.next_due() {
             sleep_for = sleep_for.min(due.saturating_duration_since(Instant::now()));
         }
+        full_sweep = true;
         tokio::select! {
-            _ = bell.next(), if room > 0 => {}
+            notice = bell.next(), if room > 0 => {
+                if let Some(notice) = notice {
+                    rang |= lane_bit(&notice.subject);
+                    full_sweep = false;
+                }
+            }
             _ = shared.wake.notified() => {}
             _ = tokio::time::sleep(sleep_for) => {}
             _ = closed.changed() => {}

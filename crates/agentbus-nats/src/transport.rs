@@ -53,6 +53,8 @@ pub(crate) struct Inner {
     /// consumer advisories).
     pub(crate) groups: RwLock<HashMap<String, String>>,
     configs: Mutex<Vec<(ChannelPattern, ChannelConfig)>>,
+    /// Per limited channel: (messages the server last reported, publishes since).
+    estimates: Mutex<HashMap<String, (u64, u64)>>,
     dropped: Mutex<HashMap<String, u64>>,
     pub(crate) dead_lettered: Mutex<HashMap<String, u64>>,
     pub(crate) members: Mutex<HashMap<String, usize>>,
@@ -130,6 +132,7 @@ impl NatsTransport {
             dlq,
             groups: RwLock::new(HashMap::new()),
             configs: Mutex::new(Vec::new()),
+            estimates: Mutex::new(HashMap::new()),
             dropped: Mutex::new(HashMap::new()),
             dead_lettered: Mutex::new(HashMap::new()),
             members: Mutex::new(HashMap::new()),
@@ -231,8 +234,23 @@ impl NatsTransport {
         let Some(max) = config.max_messages else {
             return Ok(());
         };
+        // Ask the server only when this process's estimate nears the limit, or after a
+        // tenth of the limit in own publishes (others' publishes are seen then).
+        {
+            let mut estimates = self.inner.estimates.lock();
+            if let Some((known, since)) = estimates.get_mut(channel.as_str()) {
+                if *known + *since + 1 < max && *since < max / 10 {
+                    *since += 1;
+                    return Ok(());
+                }
+            }
+        }
         let mut count = self.channel_count(channel.as_str()).await?;
         if count < max {
+            self.inner
+                .estimates
+                .lock()
+                .insert(channel.as_str().to_string(), (count, 1));
             return Ok(());
         }
         // Trim what every group matching the channel has acknowledged (lane by lane).
@@ -273,8 +291,13 @@ impl NatsTransport {
             count = self.channel_count(channel.as_str()).await?;
         }
         if count < max {
+            self.inner
+                .estimates
+                .lock()
+                .insert(channel.as_str().to_string(), (count, 1));
             return Ok(());
         }
+        self.inner.estimates.lock().remove(channel.as_str());
         match config.discard {
             Discard::RejectNew => {
                 self.inner.rejected_full.fetch_add(1, Ordering::Relaxed);
