@@ -2,8 +2,8 @@
 //!
 //! The accepted forms are fixed here so every command reads them the same way. Built
 //! in: the embedded `memory` engine, the durable log (`file:DIR`, `agentbus-file`) and
-//! `redis://` / `rediss://` (`agentbus-redis`; `?prefix=NAME` picks the key prefix).
-//! The other forms are recognized so that a user gets "not available in this build
+//! `redis://` / `rediss://` (`agentbus-redis`; `?prefix=NAME` picks the key prefix)
+//! and `nats://` (`agentbus-nats`, JetStream). The other forms are recognized so that a user gets "not available in this build
 //! yet" (exit 1) rather than "bad backend" (exit 2) for a spelling that will work once
 //! that backend arrives.
 
@@ -109,6 +109,15 @@ pub(crate) async fn open(spec: &str) -> Result<Arc<dyn Transport>, CliError> {
             .await
             .map_err(|e| CliError::failed(e.to_string()))?;
             Ok(Arc::new(redis))
+        }
+        BackendSpec::Remote { name: "nats", url } => {
+            match agentbus_nats::NatsTransport::connect_url(&url).await {
+                Ok(transport) => Ok(Arc::new(transport)),
+                Err(e) if e.kind() == agentbus::ErrorKind::InvalidInput => {
+                    Err(CliError::usage(e.to_string()))
+                }
+                Err(e) => Err(CliError::failed(e.to_string())),
+            }
         }
         other => Err(CliError::failed(format!(
             "backend '{}' is not available in this build yet; use --backend memory for now",

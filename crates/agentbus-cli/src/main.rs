@@ -50,8 +50,9 @@ pub(crate) struct Global {
     /// Where messages live: memory, file:DIR, redis://…, nats://…, amqp://…, kafka://…
     /// or postgres://….
     ///
-    /// Available in this build: `memory`, `file:DIR` and
-    /// `redis://HOST:PORT[/DB][?prefix=NAME]` (Redis 7+); the others are recognized and
+    /// Available in this build: `memory`, `file:DIR`,
+    /// `redis://HOST:PORT[/DB][?prefix=NAME]` (Redis 7+) and `nats://HOST:PORT[?…]`
+    /// (JetStream; see docs/NATS.md for the query options); the others are recognized and
     /// arrive in later releases. With `memory` the engine lives inside this one agentbus
     /// process: a `pub` in one invocation is not seen by a `sub` in another. `file:DIR`
     /// is the durable log in DIR, shared by invocations one after another (append

@@ -276,7 +276,8 @@ fn unknown_backend_is_exit_2_listing_the_forms() {
 fn later_backends_are_exit_1_not_available() {
     for (spec, name) in [
         ("kafka://localhost:9092", "kafka"),
-        ("nats://localhost:4222", "nats"),
+        ("amqp://localhost:5672", "amqp"),
+        ("postgres://localhost/test", "postgres"),
     ] {
         let output = agentbus(&["pub", "a.b", "{}", "--backend", spec]);
         assert_one_line_error(&output, 1, "not available");

@@ -1,0 +1,648 @@
+//! A subscription: four lane consumers, a pump task, and the settler.
+//!
+//! The pump fetches (no-wait pull requests) from the lanes highest first, only as many
+//! messages as the prefetch has room for, and hands them over an unbounded channel
+//! (bounded in practice by the prefetch permits), so `next_batch` is cancel-safe.
+//! Deadlines, delays and max deliveries are applied here, before a message is handed
+//! out. When there is nothing to fetch it sleeps until a new message on its pattern
+//! rings the doorbell (a core NATS subscription), a settle of its own frees room, or
+//! `idle_poll` passes (for ack-wait redeliveries no publish announces).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentbus::{
+    Consumer, DeadLetter, DeadReason, Delivery, Envelope, Error, ErrorKind, MessageId, Result,
+    Settlement, Settler, SubscribeOptions,
+};
+use async_nats::jetstream::consumer::{self, pull, PullConsumer};
+use async_nats::jetstream::message::AckKind;
+use async_nats::Subject;
+
+/// Where a delivery is settled: its JetStream reply subject.
+type Acker = Subject;
+use async_trait::async_trait;
+use chrono::Utc;
+use futures::{FutureExt, StreamExt};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::options::invalid_input;
+use crate::transport::{backend, consumer_name, deliver_policy, Inner};
+use crate::wire::{self, LANES};
+
+/// One delivery handed out and not settled yet.
+#[derive(Debug)]
+struct Flight {
+    acker: Acker,
+    attempt: u32,
+    envelope: Arc<Envelope>,
+    /// Held while the delivery counts against the prefetch; released when settled or
+    /// when its ack wait passed (the server redelivers it then).
+    permit: Option<OwnedSemaphorePermit>,
+    at: Instant,
+}
+
+/// A message fetched before its `not_before`: held in flight (its ack wait extended)
+/// until due, so the attempt count stays right.
+#[derive(Debug)]
+struct Deferred {
+    acker: Acker,
+    attempt: u32,
+    envelope: Envelope,
+    sequence: u64,
+    due: Instant,
+    progressed: Instant,
+}
+
+/// State shared by the consumer, its pump and its deliveries.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    inner: Arc<Inner>,
+    group: Arc<str>,
+    private: bool,
+    max_deliveries: u32,
+    ack_wait: Duration,
+    flights: Mutex<HashMap<u64, Flight>>,
+    deferred: Mutex<Vec<Deferred>>,
+    next_token: AtomicU64,
+    wake: Notify,
+    permits: Arc<Semaphore>,
+}
+
+/// The `Consumer` of a NATS subscription.
+#[derive(Debug)]
+pub(crate) struct NatsConsumer {
+    shared: Arc<Shared>,
+    rx: mpsc::UnboundedReceiver<Delivery>,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl NatsConsumer {
+    /// Creates or joins the group's lane consumers and starts the pump.
+    pub(crate) async fn open(inner: Arc<Inner>, options: SubscribeOptions) -> Result<Self> {
+        let private = options.group.is_none();
+        let group = options
+            .group
+            .clone()
+            .unwrap_or_else(|| format!("_private-{}", uuid::Uuid::new_v4().simple()));
+        let prefix = inner.options.prefix.clone();
+        let pattern = options.pattern.as_str().to_string();
+        let mut lanes = Vec::with_capacity(LANES.len());
+        for lane in LANES {
+            let name = consumer_name(&group, lane);
+            let filter = wire::lane_filter(&prefix, lane, &pattern);
+            let existing = inner.stream.get_consumer::<pull::Config>(&name).await;
+            let consumer: PullConsumer = match existing {
+                Ok(mut c) => {
+                    let info = c
+                        .info()
+                        .await
+                        .map_err(|e| backend(format!("reading consumer '{name}'"), e))?;
+                    if info.config.filter_subject != filter {
+                        let had = info
+                            .config
+                            .filter_subject
+                            .split_once('.')
+                            .and_then(|(_, r)| r.split_once('.'))
+                            .map_or(info.config.filter_subject.as_str(), |(_, p)| p)
+                            .to_string();
+                        return Err(invalid_input(format!(
+                            "group '{group}' follows pattern '{had}', not '{pattern}': a group \
+                             has one pattern; pick another group name"
+                        )));
+                    }
+                    c
+                }
+                Err(e) if e.to_string().to_lowercase().contains("not found") => {
+                    let config = pull::Config {
+                        durable_name: Some(name.clone()),
+                        filter_subject: filter.clone(),
+                        ack_policy: consumer::AckPolicy::Explicit,
+                        ack_wait: options.ack_wait,
+                        max_deliver: -1,
+                        max_ack_pending: inner.options.max_ack_pending,
+                        deliver_policy: deliver_policy(options.start),
+                        inactive_threshold: if private {
+                            inner.options.private_inactive_threshold
+                        } else {
+                            Duration::ZERO
+                        },
+                        ..Default::default()
+                    };
+                    match inner.stream.create_consumer(config).await {
+                        Ok(c) => c,
+                        // Another member created it meanwhile: join it.
+                        Err(_) => inner
+                            .stream
+                            .get_consumer::<pull::Config>(&name)
+                            .await
+                            .map_err(|e| backend(format!("creating consumer '{name}'"), e))?,
+                    }
+                }
+                Err(e) => return Err(backend(format!("reading consumer '{name}'"), e)),
+            };
+            inner.learn_group(&name, &filter);
+            lanes.push(consumer);
+        }
+        // The group's settings are the creator's (as in the memory engine).
+        let info = lanes[0].cached_info().config.clone();
+        let bell = inner
+            .client
+            .subscribe(format!("{prefix}.*.{pattern}"))
+            .await
+            .map_err(|e| backend("subscribing to new-message notices", e))?;
+        *inner.members.lock().entry(group.clone()).or_insert(0) += 1;
+        let shared = Arc::new(Shared {
+            inner: inner.clone(),
+            group: group.into(),
+            private,
+            max_deliveries: options.max_deliveries,
+            ack_wait: info.ack_wait,
+            flights: Mutex::new(HashMap::new()),
+            deferred: Mutex::new(Vec::new()),
+            next_token: AtomicU64::new(1),
+            wake: Notify::new(),
+            permits: Arc::new(Semaphore::new(options.prefetch)),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pump = tokio::spawn(pump(shared.clone(), lanes, bell, tx));
+        Ok(NatsConsumer { shared, rx, pump })
+    }
+}
+
+#[async_trait]
+impl Consumer for NatsConsumer {
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>> {
+        let max = max.max(1);
+        let closed = || {
+            Error::new(
+                ErrorKind::Closed,
+                "the NATS transport was closed; this subscription delivers nothing more",
+            )
+        };
+        if *self.shared.inner.closed.borrow() {
+            return Err(closed());
+        }
+        let first = self.rx.recv().await.ok_or_else(closed)?;
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match self.rx.try_recv() {
+                Ok(d) => batch.push(d),
+                Err(_) => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    fn group(&self) -> &str {
+        &self.shared.group
+    }
+}
+
+impl Drop for NatsConsumer {
+    fn drop(&mut self) {
+        self.pump.abort();
+        let shared = self.shared.clone();
+        if let Some(n) = shared.inner.members.lock().get_mut(&*shared.group) {
+            *n = n.saturating_sub(1);
+        }
+        // Unsettled deliveries go back to the group at once.
+        let flights: Vec<Flight> = shared.flights.lock().drain().map(|(_, f)| f).collect();
+        let deferred: Vec<Deferred> = shared.deferred.lock().drain(..).collect();
+        if shared.private {
+            shared.inner.groups.write().remove(&*shared.group);
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        handle.spawn(async move {
+            for flight in flights.into_iter().filter(|f| f.permit.is_some()) {
+                let _ = shared.send_ack(&flight.acker, AckKind::Nak(None)).await;
+            }
+            let now = Instant::now();
+            for d in deferred {
+                let delay = d.due.saturating_duration_since(now);
+                let _ = shared.send_ack(&d.acker, AckKind::Nak(Some(delay))).await;
+            }
+            if shared.private {
+                for lane in LANES {
+                    let name = consumer_name(&shared.group, lane);
+                    let _ = shared.inner.stream.delete_consumer(&name).await;
+                }
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl Settler for Shared {
+    async fn settle(&self, token: u64, settlement: Settlement) -> Result<()> {
+        let flight = self.flights.lock().remove(&token).ok_or_else(|| {
+            Error::new(
+                ErrorKind::AlreadySettled,
+                "this delivery was already settled, handed back or dead-lettered",
+            )
+        })?;
+        let result = self.apply(&flight, settlement).await;
+        drop(flight);
+        self.wake.notify_one();
+        result
+    }
+}
+
+impl Shared {
+    /// Settles on the server: a fire-and-forget publish to the reply subject, as
+    /// JetStream clients do (a lost ack means a redelivery, never a loss).
+    async fn send_ack(
+        &self,
+        reply: &Subject,
+        kind: AckKind,
+    ) -> std::result::Result<(), async_nats::PublishError> {
+        self.inner
+            .client
+            .publish(reply.clone(), bytes::Bytes::from(kind))
+            .await
+    }
+
+    async fn apply(&self, flight: &Flight, settlement: Settlement) -> Result<()> {
+        match settlement {
+            Settlement::Ack => self
+                .send_ack(&flight.acker, AckKind::Ack)
+                .await
+                .map_err(|e| backend("acking", e)),
+            Settlement::Nack { delay, error } => {
+                if flight.attempt >= self.max_deliveries {
+                    let error = error.unwrap_or_else(|| {
+                        format!(
+                            "nacked on delivery {} of {}",
+                            flight.attempt, self.max_deliveries
+                        )
+                    });
+                    self.dead_letter(
+                        &flight.envelope,
+                        DeadReason::MaxDeliveries,
+                        flight.attempt,
+                        Some(error),
+                    )
+                    .await?;
+                    return self
+                        .send_ack(&flight.acker, AckKind::Term)
+                        .await
+                        .map_err(|e| backend("terminating a dead-lettered message", e));
+                }
+                let kind = if delay.is_zero() {
+                    AckKind::Nak(None)
+                } else {
+                    AckKind::Nak(Some(delay))
+                };
+                self.send_ack(&flight.acker, kind)
+                    .await
+                    .map_err(|e| backend("nacking", e))
+            }
+            Settlement::Reject { reason, error } => {
+                self.dead_letter(&flight.envelope, reason, flight.attempt, Some(error))
+                    .await?;
+                self.send_ack(&flight.acker, AckKind::Term)
+                    .await
+                    .map_err(|e| backend("terminating a rejected message", e))
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        envelope: &Envelope,
+        reason: DeadReason,
+        attempts: u32,
+        last_error: Option<String>,
+    ) -> Result<()> {
+        if reason == DeadReason::Expired {
+            self.inner.expired.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut envelope = envelope.clone();
+        envelope.header.attempt = attempts;
+        self.inner
+            .dead_letter(&DeadLetter {
+                id: MessageId::new(),
+                envelope,
+                group: self.group.to_string(),
+                reason,
+                attempts,
+                last_error,
+                dead_at: Utc::now(),
+            })
+            .await
+    }
+
+    /// Decides what to do with a message fetched from a lane: hand it out, defer it,
+    /// or dead-letter it. Returns the delivery to hand out.
+    async fn admit(self: &Arc<Self>, message: async_nats::jetstream::Message) -> Option<Delivery> {
+        let (sequence, delivered) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.delivered.max(1) as u32),
+            Err(e) => {
+                tracing::warn!("a JetStream message without metadata: {e}");
+                return None;
+            }
+        };
+        let raw = message.message;
+        let Some(acker) = raw.reply.clone() else {
+            tracing::warn!(sequence, "a JetStream message without a reply subject");
+            return None;
+        };
+        let mut envelope = match wire::decode(
+            &self.inner.options.prefix,
+            raw.subject.as_str(),
+            raw.headers.as_ref(),
+            raw.payload,
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(sequence, "dropping a message agentbus cannot read: {e}");
+                let _ = self.send_ack(&acker, AckKind::Term).await;
+                return None;
+            }
+        };
+        envelope.header.attempt = delivered;
+        let now = Utc::now();
+        if envelope.header.deadline.is_some_and(|d| d <= now) {
+            let attempts = delivered.saturating_sub(1);
+            if self
+                .dead_letter(
+                    &envelope,
+                    DeadReason::Expired,
+                    attempts,
+                    Some("deadline passed before delivery".into()),
+                )
+                .await
+                .is_ok()
+            {
+                let _ = self.send_ack(&acker, AckKind::Term).await;
+            }
+            return None;
+        }
+        if delivered > self.max_deliveries {
+            let error = format!(
+                "ack_wait of {:?} expired on delivery {} of {}",
+                self.ack_wait, self.max_deliveries, self.max_deliveries
+            );
+            envelope.header.attempt = self.max_deliveries;
+            if self
+                .dead_letter(
+                    &envelope,
+                    DeadReason::MaxDeliveries,
+                    self.max_deliveries,
+                    Some(error),
+                )
+                .await
+                .is_ok()
+            {
+                let _ = self.send_ack(&acker, AckKind::Term).await;
+            }
+            return None;
+        }
+        if let Some(not_before) = envelope.header.not_before {
+            if not_before > now {
+                let wait = (not_before - now).to_std().unwrap_or_default();
+                let at = Instant::now();
+                self.deferred.lock().push(Deferred {
+                    acker,
+                    attempt: delivered,
+                    envelope,
+                    sequence,
+                    due: at + wait,
+                    progressed: at,
+                });
+                return None;
+            }
+        }
+        Some(self.hand_out(acker, delivered, envelope, sequence))
+    }
+
+    fn hand_out(
+        self: &Arc<Self>,
+        acker: Acker,
+        attempt: u32,
+        envelope: Envelope,
+        sequence: u64,
+    ) -> Delivery {
+        let permit = self.permits.clone().try_acquire_owned().ok();
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let envelope = Arc::new(envelope);
+        self.flights.lock().insert(
+            token,
+            Flight {
+                acker,
+                attempt,
+                envelope: envelope.clone(),
+                permit,
+                at: Instant::now(),
+            },
+        );
+        let settler: Arc<dyn Settler> = self.clone();
+        Delivery::new(envelope, sequence, self.group.clone(), token, settler)
+    }
+
+    /// Releases the prefetch room of deliveries whose ack wait passed (the server
+    /// redelivers them), forgets long-abandoned ones, and keeps deferred messages alive.
+    async fn housekeeping(&self) {
+        let now = Instant::now();
+        {
+            let mut flights = self.flights.lock();
+            let forget = self.ack_wait * 10 + Duration::from_secs(60);
+            flights.retain(|_, f| now.duration_since(f.at) < forget);
+            for f in flights.values_mut() {
+                if f.permit.is_some() && now.duration_since(f.at) >= self.ack_wait {
+                    f.permit = None;
+                }
+            }
+        }
+        let progress_every = self.ack_wait / 3;
+        let mut touch = Vec::new();
+        {
+            let mut deferred = self.deferred.lock();
+            for d in deferred.iter_mut() {
+                if now.duration_since(d.progressed) >= progress_every {
+                    d.progressed = now;
+                    touch.push(d.acker.clone());
+                }
+            }
+        }
+        for acker in touch {
+            let _ = self.send_ack(&acker, AckKind::Progress).await;
+        }
+    }
+
+    /// Deferred messages that are due, oldest due first, at most `room`.
+    fn take_due(&self, room: usize) -> Vec<Deferred> {
+        let now = Instant::now();
+        let mut deferred = self.deferred.lock();
+        deferred.sort_by_key(|d| d.due);
+        let n = deferred
+            .iter()
+            .take(room)
+            .take_while(|d| d.due <= now)
+            .count();
+        deferred.drain(..n).collect()
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.deferred.lock().iter().map(|d| d.due).min()
+    }
+}
+
+/// The longest one pull request may stay unanswered.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The bit of the lane a notice's subject (`<prefix>.<lane>.<channel>`) names, in
+/// the order of [`LANES`].
+fn lane_bit(subject: &str) -> u8 {
+    let lane = subject.split('.').nth(1).and_then(|l| l.parse::<u8>().ok());
+    match lane {
+        Some(n @ 1..=4) => 1 << (4 - n),
+        _ => 0b1111,
+    }
+}
+
+async fn pump(
+    shared: Arc<Shared>,
+    lanes: Vec<PullConsumer>,
+    mut bell: async_nats::Subscriber,
+    tx: mpsc::UnboundedSender<Delivery>,
+) {
+    let mut closed = shared.inner.closed.subscribe();
+    let idle_poll = shared.inner.options.idle_poll;
+    let mut failures = 0u32;
+    let mut rang = 0u8;
+    let mut full_sweep = true;
+    loop {
+        if *closed.borrow() || tx.is_closed() {
+            return;
+        }
+        // Notices are only wake-up calls: note which lanes rang, drop the rest.
+        while let Some(Some(notice)) = bell.next().now_or_never() {
+            rang |= lane_bit(&notice.subject);
+        }
+        shared.housekeeping().await;
+        let room = shared.permits.available_permits();
+        let mut handed = 0usize;
+        if room > 0 {
+            for d in shared.take_due(room) {
+                let now = Utc::now();
+                if d.envelope.header.deadline.is_some_and(|t| t <= now) {
+                    if shared
+                        .dead_letter(
+                            &d.envelope,
+                            DeadReason::Expired,
+                            d.attempt.saturating_sub(1),
+                            Some("deadline passed before delivery".into()),
+                        )
+                        .await
+                        .is_ok()
+                    {
+                        let _ = shared.send_ack(&d.acker, AckKind::Term).await;
+                    }
+                    continue;
+                }
+                let delivery = shared.hand_out(d.acker, d.attempt, d.envelope, d.sequence);
+                handed += 1;
+                if tx.send(delivery).is_err() {
+                    return;
+                }
+            }
+            // After a notice only the lanes that rang are asked (one round trip for a
+            // request); a timer, a settle or a busy loop asks every lane, highest first.
+            let only = if full_sweep { 0b1111 } else { rang };
+            'lanes: for (i, lane) in lanes.iter().enumerate() {
+                let want = room.saturating_sub(handed);
+                if want == 0 {
+                    break;
+                }
+                if only & (1 << i) == 0 {
+                    continue;
+                }
+                // Bounded: while the connection is down a request may never be answered.
+                let fetched =
+                    tokio::time::timeout(FETCH_TIMEOUT, lane.fetch().max_messages(want).messages())
+                        .await;
+                let mut batch = match fetched {
+                    Ok(Ok(b)) => b,
+                    Ok(Err(e)) => {
+                        failures += 1;
+                        if failures == 1 || failures % 50 == 0 {
+                            tracing::warn!(group = &*shared.group, "fetching failed: {e}");
+                        }
+                        break 'lanes;
+                    }
+                    Err(_) => {
+                        failures += 1;
+                        if failures == 1 || failures % 50 == 0 {
+                            tracing::warn!(
+                                group = &*shared.group,
+                                "a fetch got no answer within {FETCH_TIMEOUT:?}"
+                            );
+                        }
+                        break 'lanes;
+                    }
+                };
+                loop {
+                    let message = match tokio::time::timeout(FETCH_TIMEOUT, batch.next()).await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(_) => {
+                            tracing::debug!(
+                                group = &*shared.group,
+                                "a fetch got no answer in time"
+                            );
+                            break;
+                        }
+                    };
+                    let message = match message {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::debug!(group = &*shared.group, "fetch ended: {e}");
+                            break;
+                        }
+                    };
+                    failures = 0;
+                    if let Some(delivery) = shared.admit(message).await {
+                        handed += 1;
+                        if tx.send(delivery).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        rang = 0;
+        if handed > 0 {
+            full_sweep = true;
+            continue;
+        }
+        let mut sleep_for = idle_poll;
+        if failures > 0 {
+            sleep_for = sleep_for.max(Duration::from_millis(250));
+        }
+        if !full_sweep {
+            // A notice can overtake the stream's store of its message: look again soon.
+            sleep_for = sleep_for.min(Duration::from_millis(2));
+        }
+        if let Some(due) = shared.next_due() {
+            sleep_for = sleep_for.min(due.saturating_duration_since(Instant::now()));
+        }
+        full_sweep = true;
+        tokio::select! {
+            notice = bell.next(), if room > 0 => {
+                if let Some(notice) = notice {
+                    rang |= lane_bit(&notice.subject);
+                    full_sweep = false;
+                }
+            }
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(sleep_for) => {}
+            _ = closed.changed() => {}
+        }
+    }
+}

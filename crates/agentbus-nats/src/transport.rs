@@ -1,0 +1,957 @@
+//! [`NatsTransport`]: the `Transport` over NATS JetStream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentbus::transport::PublishLimits;
+use agentbus::{
+    Capabilities, ChannelConfig, ChannelName, ChannelPattern, ChannelStats, Consumer, DeadLetter,
+    DeadLetterFilter, Discard, DurabilityReport, EngineStats, Envelope, Error, ErrorKind,
+    GroupStats, MessageId, PublishReceipt, Result, StartPosition, SubscribeOptions, Transport,
+};
+use async_nats::jetstream::{self, consumer, stream};
+use async_trait::async_trait;
+use chrono::Utc;
+use futures::StreamExt;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::watch;
+
+use crate::consumer::NatsConsumer;
+use crate::options::{NatsOptions, NatsStorage};
+use crate::wire::{self, LANES};
+
+/// Turns any NATS error into a `Backend` error saying what was being done.
+pub(crate) fn backend(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Backend,
+        format!("NATS: {what} failed: {e}; check that nats-server runs with JetStream (-js) and is reachable"),
+    )
+    .set_temporary(true)
+}
+
+/// The agentbus transport over NATS JetStream.
+///
+/// One stream (named after the prefix) holds every channel under the subjects
+/// `<prefix>.<lane>.<channel>`; each group is four durable pull consumers, one per
+/// priority lane; dead letters live in the stream `<prefix>_dlq`. See docs/NATS.md.
+#[derive(Debug, Clone)]
+pub struct NatsTransport {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// The shared state of a transport and its consumers.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) client: async_nats::Client,
+    pub(crate) js: jetstream::Context,
+    pub(crate) options: NatsOptions,
+    pub(crate) stream: stream::Stream,
+    pub(crate) dlq: stream::Stream,
+    /// Group name → pattern, for every group on the stream (kept live from JetStream's
+    /// consumer advisories).
+    pub(crate) groups: RwLock<HashMap<String, String>>,
+    configs: Mutex<Vec<(ChannelPattern, ChannelConfig)>>,
+    /// Per limited channel: (messages the server last reported, publishes since).
+    estimates: Mutex<HashMap<String, (u64, u64)>>,
+    dropped: Mutex<HashMap<String, u64>>,
+    pub(crate) dead_lettered: Mutex<HashMap<String, u64>>,
+    pub(crate) members: Mutex<HashMap<String, usize>>,
+    rejected_full: AtomicU64,
+    pub(crate) expired: AtomicU64,
+    pub(crate) closed: watch::Sender<bool>,
+    closing: AtomicBool,
+    limits: PublishLimits,
+}
+
+/// The consumer name of `group`'s lane `priority`.
+pub(crate) fn consumer_name(group: &str, lane: agentbus::Priority) -> String {
+    format!("{group}-L{}", lane.as_u8())
+}
+
+impl NatsTransport {
+    /// Connects to `url` (`nats://host:4222`, several separated by commas) and creates
+    /// or opens the stream and dead-letter stream of `options.prefix`.
+    ///
+    /// # Errors
+    /// `InvalidInput` for bad options; `Backend` when the server cannot be reached or
+    /// has no JetStream.
+    pub async fn connect(url: &str, options: NatsOptions) -> Result<NatsTransport> {
+        options.validate()?;
+        let client = async_nats::ConnectOptions::new()
+            .name("agentbus")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url);
+        let client = tokio::time::timeout(Duration::from_secs(10), client)
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Backend,
+                    format!(
+                        "NATS: could not connect to {url} within 10 s; start nats-server -js or \
+                         check the address"
+                    ),
+                )
+            })?
+            .map_err(|e| backend(format!("connecting to {url}"), e))?;
+        let server_max = client.server_info().max_payload;
+        let js = jetstream::new(client.clone());
+        let stream = js
+            .get_or_create_stream(stream_config(&options))
+            .await
+            .map_err(|e| backend(format!("creating stream '{}'", options.stream_name()), e))?;
+        let dlq = js
+            .get_or_create_stream(stream::Config {
+                name: options.dead_letter_stream_name(),
+                subjects: vec![format!("{}.>", options.dead_letter_prefix())],
+                max_messages: options.max_dead_letters as i64,
+                discard: stream::DiscardPolicy::Old,
+                storage: storage(options.storage),
+                num_replicas: options.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                backend(
+                    format!("creating stream '{}'", options.dead_letter_stream_name()),
+                    e,
+                )
+            })?;
+        let headroom = 16 * 1024;
+        let max_payload = if server_max > headroom {
+            options.max_payload_bytes.min(server_max - headroom)
+        } else {
+            options.max_payload_bytes
+        };
+        let (closed, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            client,
+            js,
+            stream,
+            dlq,
+            groups: RwLock::new(HashMap::new()),
+            configs: Mutex::new(Vec::new()),
+            estimates: Mutex::new(HashMap::new()),
+            dropped: Mutex::new(HashMap::new()),
+            dead_lettered: Mutex::new(HashMap::new()),
+            members: Mutex::new(HashMap::new()),
+            rejected_full: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            closed,
+            closing: AtomicBool::new(false),
+            limits: PublishLimits {
+                max_payload_bytes: max_payload,
+            },
+            options,
+        });
+        inner.watch_groups().await?;
+        Ok(NatsTransport { inner })
+    }
+
+    /// Connects with a backend URL whose query sets the options (see
+    /// [`NatsOptions::from_url`]): what `--backend nats://…` uses.
+    ///
+    /// # Errors
+    /// As [`NatsOptions::from_url`] and [`NatsTransport::connect`].
+    pub async fn connect_url(url: &str) -> Result<NatsTransport> {
+        let (server, options) = NatsOptions::from_url(url)?;
+        NatsTransport::connect(&server, options).await
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &NatsOptions {
+        &self.inner.options
+    }
+
+    /// The underlying client, for NATS-native work next to agentbus (core request/reply,
+    /// KV…).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    /// Deletes the stream, the dead-letter stream and every consumer of a prefix: what
+    /// the conformance suite's clean-up and `agentbus` tests use.
+    ///
+    /// # Errors
+    /// `Backend` when a deletion fails (a missing stream is not an error).
+    pub async fn delete_prefix(client: &async_nats::Client, prefix: &str) -> Result<()> {
+        let js = jetstream::new(client.clone());
+        let options = NatsOptions::default().prefix(prefix);
+        for name in [options.stream_name(), options.dead_letter_stream_name()] {
+            match js.delete_stream(&name).await {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("not found") => {}
+                Err(e) => return Err(backend(format!("deleting stream '{name}'"), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Connects to `url` and deletes the streams of `prefix` (see
+    /// [`NatsTransport::delete_prefix`]).
+    ///
+    /// # Errors
+    /// `Backend` when the server cannot be reached or a deletion fails.
+    pub async fn delete_prefix_at(url: &str, prefix: &str) -> Result<()> {
+        let client = async_nats::connect(url)
+            .await
+            .map_err(|e| backend(format!("connecting to {url}"), e))?;
+        NatsTransport::delete_prefix(&client, prefix).await
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closing.load(Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                "the NATS transport is closed; open a new one",
+            ));
+        }
+        Ok(())
+    }
+
+    fn config_for(&self, channel: &ChannelName) -> Option<ChannelConfig> {
+        self.inner
+            .configs
+            .lock()
+            .iter()
+            .rev()
+            .find(|(p, _)| p.matches(channel))
+            .map(|(_, c)| c.clone())
+    }
+
+    /// Messages stored for `channel` (all lanes).
+    async fn channel_count(&self, channel: &str) -> Result<u64> {
+        let filter = format!("{}.*.{channel}", self.inner.options.prefix);
+        subject_counts(&self.inner.stream, &filter)
+            .await
+            .map(|counts| counts.values().sum())
+    }
+
+    /// Applies a channel's configured `max_messages` before a publish: trims what every
+    /// group settled, then rejects or drops the oldest.
+    async fn make_room(&self, channel: &ChannelName, config: &ChannelConfig) -> Result<()> {
+        let Some(max) = config.max_messages else {
+            return Ok(());
+        };
+        // Ask the server only when this process's estimate nears the limit, or after a
+        // tenth of the limit in own publishes (others' publishes are seen then).
+        {
+            let mut estimates = self.inner.estimates.lock();
+            if let Some((known, since)) = estimates.get_mut(channel.as_str()) {
+                if *known + *since + 1 < max && *since < max / 10 {
+                    *since += 1;
+                    return Ok(());
+                }
+            }
+        }
+        let mut count = self.channel_count(channel.as_str()).await?;
+        if count < max {
+            self.inner
+                .estimates
+                .lock()
+                .insert(channel.as_str().to_string(), (count, 1));
+            return Ok(());
+        }
+        // Trim what every group matching the channel has acknowledged (lane by lane).
+        let groups: Vec<String> = self
+            .inner
+            .groups
+            .read()
+            .iter()
+            .filter(|(_, p)| ChannelPattern::new(p.as_str()).is_ok_and(|p| p.matches(channel)))
+            .map(|(g, _)| g.clone())
+            .collect();
+        if !groups.is_empty() {
+            for lane in LANES {
+                let mut floor = u64::MAX;
+                for group in &groups {
+                    let name = consumer_name(group, lane);
+                    let info = self
+                        .inner
+                        .stream
+                        .consumer_info(&name)
+                        .await
+                        .map_err(|e| backend(format!("reading consumer '{name}'"), e))?;
+                    floor = floor.min(info.ack_floor.stream_sequence);
+                }
+                if floor > 0 && floor != u64::MAX {
+                    let subject = wire::subject(&self.inner.options.prefix, lane, channel.as_str());
+                    self.inner
+                        .stream
+                        .purge()
+                        .filter(subject.clone())
+                        .sequence(floor + 1)
+                        .await
+                        .map_err(|e| {
+                            backend(format!("trimming settled messages of '{subject}'"), e)
+                        })?;
+                }
+            }
+            count = self.channel_count(channel.as_str()).await?;
+        }
+        if count < max {
+            self.inner
+                .estimates
+                .lock()
+                .insert(channel.as_str().to_string(), (count, 1));
+            return Ok(());
+        }
+        self.inner.estimates.lock().remove(channel.as_str());
+        match config.discard {
+            Discard::RejectNew => {
+                self.inner.rejected_full.fetch_add(1, Ordering::Relaxed);
+                Err(Error::new(
+                    ErrorKind::Full,
+                    format!(
+                        "channel '{channel}' holds {count} unconsumed messages, its limit is {max} \
+                         (discard = reject_new); consume and ack, or raise max_messages"
+                    ),
+                )
+                .with_context("channel", channel))
+            }
+            Discard::DropOldest => {
+                let mut to_drop = count + 1 - max;
+                while to_drop > 0 {
+                    let Some(seq) = self.oldest_sequence(channel.as_str()).await? else {
+                        break;
+                    };
+                    self.inner.stream.delete_message(seq).await.map_err(|e| {
+                        backend(format!("dropping message {seq} of '{channel}'"), e)
+                    })?;
+                    *self
+                        .inner
+                        .dropped
+                        .lock()
+                        .entry(channel.as_str().to_string())
+                        .or_insert(0) += 1;
+                    to_drop -= 1;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn oldest_sequence(&self, channel: &str) -> Result<Option<u64>> {
+        let mut oldest: Option<u64> = None;
+        for lane in LANES {
+            let subject = wire::subject(&self.inner.options.prefix, lane, channel);
+            match self
+                .inner
+                .stream
+                .get_first_raw_message_by_subject(&subject, 1)
+                .await
+            {
+                Ok(m) => oldest = Some(oldest.map_or(m.sequence, |o| o.min(m.sequence))),
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    return Err(backend(
+                        format!("reading the oldest message of '{subject}'"),
+                        e,
+                    ))
+                }
+            }
+        }
+        Ok(oldest)
+    }
+
+    fn count_groups(&self, channel: &ChannelName) -> usize {
+        self.inner
+            .groups
+            .read()
+            .values()
+            .filter(|p| ChannelPattern::new(p.as_str()).is_ok_and(|p| p.matches(channel)))
+            .count()
+    }
+}
+
+fn storage(s: NatsStorage) -> stream::StorageType {
+    match s {
+        NatsStorage::File => stream::StorageType::File,
+        NatsStorage::Memory => stream::StorageType::Memory,
+    }
+}
+
+fn stream_config(options: &NatsOptions) -> stream::Config {
+    stream::Config {
+        name: options.stream_name(),
+        subjects: vec![format!("{}.>", options.prefix)],
+        max_messages: options.max_messages.map_or(-1, |m| m as i64),
+        max_bytes: options.max_bytes.map_or(-1, |m| m as i64),
+        max_age: options.max_age.unwrap_or_default(),
+        discard: stream::DiscardPolicy::New,
+        retention: stream::RetentionPolicy::Limits,
+        storage: storage(options.storage),
+        num_replicas: options.replicas,
+        duplicate_window: options.duplicate_window,
+        ..Default::default()
+    }
+}
+
+/// Subject → message count for the subjects of `stream` matching `filter`.
+pub(crate) async fn subject_counts(
+    stream: &stream::Stream,
+    filter: &str,
+) -> Result<BTreeMap<String, u64>> {
+    let mut info = stream
+        .info_with_subjects(filter)
+        .await
+        .map_err(|e| backend(format!("reading the subjects '{filter}'"), e))?;
+    let mut counts = BTreeMap::new();
+    while let Some(item) = info.next().await {
+        let (subject, count) =
+            item.map_err(|e| backend(format!("reading the subjects '{filter}'"), e))?;
+        counts.insert(subject, count as u64);
+    }
+    Ok(counts)
+}
+
+impl Inner {
+    /// Loads every group of the stream and keeps the view live from JetStream's
+    /// consumer advisories (so receipts count groups other processes create).
+    async fn watch_groups(self: &Arc<Self>) -> Result<()> {
+        let stream_name = self.options.stream_name();
+        let created = format!("$JS.EVENT.ADVISORY.CONSUMER.CREATED.{stream_name}.*");
+        let deleted = format!("$JS.EVENT.ADVISORY.CONSUMER.DELETED.{stream_name}.*");
+        let mut created = self
+            .client
+            .subscribe(created)
+            .await
+            .map_err(|e| backend("subscribing to consumer advisories", e))?;
+        let mut deleted = self
+            .client
+            .subscribe(deleted)
+            .await
+            .map_err(|e| backend("subscribing to consumer advisories", e))?;
+        let mut consumers = self.stream.consumers();
+        while let Some(info) = consumers.next().await {
+            let info = info.map_err(|e| backend("listing consumers", e))?;
+            self.learn_group(&info.name, &info.config.filter_subject);
+        }
+        let weak = Arc::downgrade(self);
+        let mut closed = self.closed.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(m) = created.next() => {
+                        let Some(inner) = weak.upgrade() else { return };
+                        let name = m.subject.rsplit('.').next().unwrap_or_default().to_string();
+                        if let Ok(info) = inner.stream.consumer_info(&name).await {
+                            inner.learn_group(&info.name, &info.config.filter_subject);
+                        }
+                    }
+                    Some(m) = deleted.next() => {
+                        let Some(inner) = weak.upgrade() else { return };
+                        let name = m.subject.rsplit('.').next().unwrap_or_default();
+                        if let Some((group, _)) = name.rsplit_once("-L") {
+                            inner.groups.write().remove(group);
+                        }
+                    }
+                    _ = closed.changed() => return,
+                    else => return,
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Records the group of consumer `name` with lane filter `filter`.
+    pub(crate) fn learn_group(&self, name: &str, filter: &str) {
+        let Some((group, _lane)) = name.rsplit_once("-L") else {
+            return;
+        };
+        let Some(rest) = filter
+            .strip_prefix(self.options.prefix.as_str())
+            .and_then(|r| r.strip_prefix('.'))
+        else {
+            return;
+        };
+        let Some((_, pattern)) = rest.split_once('.') else {
+            return;
+        };
+        self.groups
+            .write()
+            .insert(group.to_string(), pattern.to_string());
+    }
+
+    /// Publishes a dead letter (at least once: before the message is terminated).
+    pub(crate) async fn dead_letter(&self, letter: &DeadLetter) -> Result<()> {
+        let subject = format!(
+            "{}.{}",
+            self.options.dead_letter_prefix(),
+            letter.envelope.channel
+        );
+        let body = serde_json::to_vec(letter).map_err(|e| {
+            Error::new(ErrorKind::Internal, "could not encode a dead letter").with_source(e)
+        })?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", letter.id.to_string().as_str());
+        self.js
+            .publish_with_headers(subject, headers, body.into())
+            .await
+            .map_err(|e| backend("storing a dead letter", e))?
+            .await
+            .map_err(|e| backend("storing a dead letter", e))?;
+        *self
+            .dead_lettered
+            .lock()
+            .entry(letter.group.clone())
+            .or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// Every dead letter whose channel matches `pattern`, oldest first, with its
+    /// sequence in the dead-letter stream.
+    async fn scan_dead_letters(
+        &self,
+        pattern: Option<&ChannelPattern>,
+    ) -> Result<Vec<(u64, DeadLetter)>> {
+        let filter = format!(
+            "{}.{}",
+            self.options.dead_letter_prefix(),
+            pattern.map_or(">", |p| p.as_str())
+        );
+        let mut dlq = self.dlq.clone();
+        let state = dlq
+            .info()
+            .await
+            .map_err(|e| backend("reading the dead-letter stream", e))?
+            .state
+            .clone();
+        if state.messages == 0 {
+            return Ok(Vec::new());
+        }
+        let reader = dlq
+            .create_consumer(consumer::pull::Config {
+                filter_subject: filter.clone(),
+                ack_policy: consumer::AckPolicy::None,
+                deliver_policy: consumer::DeliverPolicy::All,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| backend("reading dead letters", e))?;
+        let mut out = Vec::new();
+        loop {
+            let mut batch = reader
+                .fetch()
+                .max_messages(1000)
+                .messages()
+                .await
+                .map_err(|e| backend("reading dead letters", e))?;
+            let mut got = 0;
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(|e| backend("reading dead letters", e))?;
+                got += 1;
+                let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                match serde_json::from_slice::<DeadLetter>(&message.payload) {
+                    Ok(letter) => out.push((seq, letter)),
+                    Err(e) => tracing::warn!(seq, "skipping an unreadable dead letter: {e}"),
+                }
+            }
+            if got == 0 {
+                break;
+            }
+        }
+        let name = reader.cached_info().name.clone();
+        let _ = dlq.delete_consumer(&name).await;
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Transport for NatsTransport {
+    fn name(&self) -> &str {
+        "nats"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
+
+    async fn publish(&self, envelope: Envelope) -> Result<PublishReceipt> {
+        self.check_open()?;
+        self.inner.limits.check(&envelope, Utc::now())?;
+        if let Some(config) = self.config_for(&envelope.channel) {
+            self.make_room(&envelope.channel, &config).await?;
+        }
+        let headers = wire::encode(&envelope)?;
+        let subject = wire::subject(
+            &self.inner.options.prefix,
+            envelope.header.priority,
+            envelope.channel.as_str(),
+        );
+        let channel = envelope.channel;
+        let ack = self
+            .inner
+            .js
+            .publish_with_headers(subject, headers, envelope.payload)
+            .await
+            .map_err(|e| publish_error(&channel, e))?
+            .await
+            .map_err(|e| publish_error(&channel, e))?;
+        Ok(PublishReceipt {
+            id: envelope.header.id,
+            groups: self.count_groups(&channel),
+            channel,
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    async fn publish_batch(&self, envelopes: Vec<Envelope>) -> Vec<Result<PublishReceipt>> {
+        // Pipelined: every publish is sent before the first ack is awaited.
+        let mut pending = Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            let sent = async {
+                self.check_open()?;
+                self.inner.limits.check(&envelope, Utc::now())?;
+                if let Some(config) = self.config_for(&envelope.channel) {
+                    self.make_room(&envelope.channel, &config).await?;
+                }
+                let headers = wire::encode(&envelope)?;
+                let subject = wire::subject(
+                    &self.inner.options.prefix,
+                    envelope.header.priority,
+                    envelope.channel.as_str(),
+                );
+                let future = self
+                    .inner
+                    .js
+                    .publish_with_headers(subject, headers, envelope.payload)
+                    .await
+                    .map_err(|e| publish_error(&envelope.channel, e))?;
+                Ok((envelope.header.id, envelope.channel, future))
+            }
+            .await;
+            pending.push(sent);
+        }
+        let mut receipts = Vec::with_capacity(pending.len());
+        for sent in pending {
+            receipts.push(match sent {
+                Err(e) => Err(e),
+                Ok((id, channel, future)) => match future.await {
+                    Ok(ack) => Ok(PublishReceipt {
+                        id,
+                        groups: self.count_groups(&channel),
+                        channel,
+                        sequence: ack.sequence,
+                        duplicate: ack.duplicate,
+                    }),
+                    Err(e) => Err(publish_error(&channel, e)),
+                },
+            });
+        }
+        receipts
+    }
+
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Consumer>> {
+        self.check_open()?;
+        options.validate()?;
+        let consumer = NatsConsumer::open(self.inner.clone(), options).await?;
+        Ok(Box::new(consumer))
+    }
+
+    async fn configure_channels(
+        &self,
+        pattern: ChannelPattern,
+        config: ChannelConfig,
+    ) -> Result<()> {
+        self.check_open()?;
+        self.inner.configs.lock().push((pattern, config));
+        Ok(())
+    }
+
+    async fn delete_group(&self, group: &str) -> Result<()> {
+        self.check_open()?;
+        let mut found = false;
+        for lane in LANES {
+            let name = consumer_name(group, lane);
+            match self.inner.stream.delete_consumer(&name).await {
+                Ok(_) => found = true,
+                Err(e) if e.to_string().to_lowercase().contains("not found") => {}
+                Err(e) => return Err(backend(format!("deleting consumer '{name}'"), e)),
+            }
+        }
+        self.inner.groups.write().remove(group);
+        if found {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no group '{group}' on stream '{}'",
+                    self.inner.options.stream_name()
+                ),
+            ))
+        }
+    }
+
+    async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>> {
+        let letters = self
+            .inner
+            .scan_dead_letters(filter.pattern.as_ref())
+            .await?;
+        let mut out: Vec<DeadLetter> = letters
+            .into_iter()
+            .map(|(_, l)| l)
+            .filter(|l| filter.accepts(l))
+            .collect();
+        if let Some(limit) = filter.limit {
+            out.truncate(limit);
+        }
+        Ok(out)
+    }
+
+    async fn dead_letter(&self, id: MessageId) -> Result<DeadLetter> {
+        self.inner
+            .scan_dead_letters(None)
+            .await?
+            .into_iter()
+            .map(|(_, l)| l)
+            .find(|l| l.id == id)
+            .ok_or_else(|| not_found_letter(id))
+    }
+
+    async fn replay_dead_letter(&self, id: MessageId) -> Result<PublishReceipt> {
+        self.check_open()?;
+        let (seq, letter) = self
+            .inner
+            .scan_dead_letters(None)
+            .await?
+            .into_iter()
+            .find(|(_, l)| l.id == id)
+            .ok_or_else(|| not_found_letter(id))?;
+        let mut envelope = letter.envelope;
+        let original = envelope.header.id;
+        envelope.header.id = MessageId::new();
+        envelope.header.causation_id = Some(original);
+        envelope.header.deadline = None;
+        envelope.header.not_before = None;
+        envelope.header.attempt = 0;
+        envelope
+            .header
+            .headers
+            .insert("agentbus-replay-of".to_string(), original.to_string());
+        let receipt = self.publish(envelope).await?;
+        self.inner
+            .dlq
+            .delete_message(seq)
+            .await
+            .map_err(|e| backend("removing a replayed dead letter", e))?;
+        Ok(receipt)
+    }
+
+    async fn purge_dead_letters(&self, filter: DeadLetterFilter) -> Result<u64> {
+        let letters = self
+            .inner
+            .scan_dead_letters(filter.pattern.as_ref())
+            .await?;
+        let mut purged = 0;
+        for (seq, letter) in letters {
+            if filter.limit.is_some_and(|l| purged as usize >= l) {
+                break;
+            }
+            if filter.accepts(&letter) {
+                self.inner
+                    .dlq
+                    .delete_message(seq)
+                    .await
+                    .map_err(|e| backend("purging a dead letter", e))?;
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
+
+    async fn stats(&self) -> Result<EngineStats> {
+        let prefix = &self.inner.options.prefix;
+        let counts = subject_counts(&self.inner.stream, &format!("{prefix}.*.>")).await?;
+        let mut stream = self.inner.stream.clone();
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| backend("reading the stream", e))?
+            .clone();
+        let total = info.state.messages.max(1);
+        let mut channels: BTreeMap<String, ChannelStats> = BTreeMap::new();
+        for (subject, count) in &counts {
+            let Some(name) = wire::channel_of(prefix, subject) else {
+                continue;
+            };
+            let Ok(channel) = ChannelName::new(&name) else {
+                continue;
+            };
+            let last = stream
+                .get_last_raw_message_by_subject(subject)
+                .await
+                .map(|m| m.sequence)
+                .unwrap_or(0);
+            let entry = channels.entry(name).or_insert_with(|| ChannelStats {
+                channel,
+                messages: 0,
+                bytes: 0,
+                published: 0,
+                dropped: 0,
+                last_sequence: 0,
+            });
+            entry.messages += count;
+            entry.bytes += info.state.bytes * count / total;
+            entry.last_sequence = entry.last_sequence.max(last);
+        }
+        {
+            let dropped = self.inner.dropped.lock();
+            for (name, stats) in channels.iter_mut() {
+                stats.dropped = dropped.get(name).copied().unwrap_or(0);
+                stats.published = stats.messages + stats.dropped;
+            }
+        }
+        let mut groups: BTreeMap<String, GroupStats> = BTreeMap::new();
+        let mut consumers = self.inner.stream.consumers();
+        while let Some(c) = consumers.next().await {
+            let c = c.map_err(|e| backend("listing consumers", e))?;
+            let Some((group, _)) = c.name.rsplit_once("-L") else {
+                continue;
+            };
+            let Some(pattern) = self.inner.groups.read().get(group).cloned() else {
+                continue;
+            };
+            let Ok(pattern) = ChannelPattern::new(pattern) else {
+                continue;
+            };
+            let entry = groups
+                .entry(group.to_string())
+                .or_insert_with(|| GroupStats {
+                    group: group.to_string(),
+                    pattern,
+                    members: self.inner.members.lock().get(group).copied().unwrap_or(0),
+                    pending: 0,
+                    in_flight: 0,
+                    delivered: 0,
+                    acked: 0,
+                    redelivered: 0,
+                    dead_lettered: self
+                        .inner
+                        .dead_lettered
+                        .lock()
+                        .get(group)
+                        .copied()
+                        .unwrap_or(0),
+                });
+            entry.pending += c.num_pending;
+            entry.in_flight += c.num_ack_pending as u64;
+            entry.delivered += c.delivered.consumer_sequence;
+            entry.acked += c.ack_floor.consumer_sequence.saturating_sub(0);
+            entry.redelivered += c.num_redelivered as u64;
+        }
+        let dead_letters = {
+            let mut dlq = self.inner.dlq.clone();
+            dlq.info()
+                .await
+                .map_err(|e| backend("reading the dead-letter stream", e))?
+                .state
+                .messages
+        };
+        let server = self.inner.client.server_info();
+        let mut details = BTreeMap::new();
+        details.insert("server".into(), format!("nats-server {}", server.version));
+        details.insert("server_name".into(), server.server_name.clone());
+        details.insert("stream".into(), info.config.name.clone());
+        details.insert(
+            "storage".into(),
+            format!("{:?}", info.config.storage).to_lowercase(),
+        );
+        details.insert("replicas".into(), info.config.num_replicas.to_string());
+        details.insert("stream_messages".into(), info.state.messages.to_string());
+        details.insert("stream_bytes".into(), info.state.bytes.to_string());
+        details.insert(
+            "duplicate_window".into(),
+            humanize(info.config.duplicate_window),
+        );
+        details.insert(
+            "dead_letter_stream".into(),
+            self.inner.options.dead_letter_stream_name(),
+        );
+        Ok(EngineStats {
+            engine: "nats".into(),
+            channels: channels.into_values().collect(),
+            groups: groups.into_values().collect(),
+            dead_letters,
+            rejected_full: self.inner.rejected_full.load(Ordering::Relaxed),
+            expired: self.inner.expired.load(Ordering::Relaxed),
+            details,
+        })
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.closing.store(true, Ordering::Release);
+        self.inner.closed.send_replace(true);
+        // Acks are fire-and-forget publishes: make sure they left.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.inner.client.flush()).await;
+        Ok(())
+    }
+
+    async fn durability(&self) -> Result<DurabilityReport> {
+        crate::doctor::durability(&self.inner).await
+    }
+}
+
+pub(crate) fn humanize(d: Duration) -> String {
+    if d.as_secs() >= 60 && d.as_secs() % 60 == 0 {
+        format!("{}m", d.as_secs() / 60)
+    } else if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// Whether a NATS error says "no such thing" (message, consumer, stream).
+pub(crate) fn is_not_found(e: &dyn std::fmt::Display) -> bool {
+    let text = e.to_string().to_lowercase();
+    text.contains("not found") || text.contains("no message found")
+}
+
+fn not_found_letter(id: MessageId) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!("no dead letter with id {id}; list them with `agentbus dlq list`"),
+    )
+}
+
+fn publish_error(channel: &ChannelName, e: impl std::fmt::Display) -> Error {
+    let text = e.to_string();
+    let lower = text.to_lowercase();
+    if lower.contains("maximum messages")
+        || lower.contains("maximum bytes")
+        || lower.contains("resource limits")
+    {
+        return Error::new(
+            ErrorKind::Full,
+            format!(
+                "NATS stream is full, publish to channel '{channel}' refused ({text}); consume \
+                 and ack, or raise the stream limits"
+            ),
+        )
+        .with_context("channel", channel);
+    }
+    backend(format!("publishing to channel '{channel}'"), text)
+}
+
+/// JetStream's deliver policy for a start position.
+pub(crate) fn deliver_policy(start: StartPosition) -> consumer::DeliverPolicy {
+    match start {
+        StartPosition::New => consumer::DeliverPolicy::New,
+        StartPosition::Earliest => consumer::DeliverPolicy::All,
+        StartPosition::Sequence(n) => consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: n.max(1),
+        },
+        StartPosition::Time(t) => {
+            let nanos = t.timestamp_nanos_opt().unwrap_or(0) as i128;
+            consumer::DeliverPolicy::ByStartTime {
+                start_time: time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+                    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+            }
+        }
+    }
+}
