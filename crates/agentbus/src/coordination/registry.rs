@@ -483,8 +483,9 @@ impl RegistryInner {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "strategy")]
 pub enum Strategy {
-    /// The smallest load (reported in-flight + queue depth, plus tasks this supervisor
-    /// assigned since); ties go to the smallest id.
+    /// The smallest load — the larger of the agent's reported load (in flight + queue
+    /// depth) and the tasks this supervisor has outstanding there, which covers the
+    /// assignments made since its last heartbeat; ties go to the smallest id.
     #[default]
     LeastLoaded,
     /// Each agent in turn (by id), per capability.
@@ -563,8 +564,9 @@ impl Selector {
     }
 
     /// Picks one of `candidates` for work keyed by `key` (the capability, for round
-    /// robin). `extra_load` adds load the registry does not know of yet. Returns the
-    /// index into `candidates`.
+    /// robin). `extra_load` is load the registry may not know of yet (tasks assigned
+    /// since the last heartbeat); the larger of it and the reported load counts.
+    /// Returns the index into `candidates`.
     pub fn pick(
         &self,
         key: &str,
@@ -587,7 +589,7 @@ impl Selector {
         }
         pool.sort_by(|&a, &b| candidates[a].id().cmp(candidates[b].id()));
         let load = |i: usize| {
-            u64::from(candidates[i].load.total()) + u64::from(extra_load(candidates[i].id()))
+            u64::from(candidates[i].load.total()).max(u64::from(extra_load(candidates[i].id())))
         };
         let least_loaded = |pool: &[usize]| pool.iter().copied().min_by_key(|&i| load(i));
         match strategy {
@@ -785,5 +787,175 @@ impl Presence {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, load: u32, health: Health) -> AgentRecord {
+        AgentRecord {
+            descriptor: AgentDescriptor::new(id, "worker").capability("work"),
+            load: AgentLoad {
+                in_flight: load,
+                queue_depth: 0,
+                capacity: 4,
+            },
+            health,
+            interval_ms: 1000,
+            last_seen: Utc::now(),
+            first_seen: Utc::now(),
+            heartbeats: 1,
+            reported: ReportedHealth::Healthy,
+        }
+    }
+
+    fn none(_: &str) -> u32 {
+        0
+    }
+
+    #[test]
+    fn least_loaded_picks_the_smallest_load_then_the_smallest_id() {
+        let selector = Selector::new();
+        let agents = [
+            record("c", 2, Health::Healthy),
+            record("b", 1, Health::Healthy),
+            record("a", 1, Health::Healthy),
+        ];
+        let pick = selector.pick("work", &agents, &Strategy::LeastLoaded, &none);
+        assert_eq!(agents[pick.unwrap()].id(), "a");
+        // Outstanding assignments the registry has not heard of count too.
+        let busy_a = |id: &str| if id == "a" { 5 } else { 0 };
+        let pick = selector.pick("work", &agents, &Strategy::LeastLoaded, &busy_a);
+        assert_eq!(agents[pick.unwrap()].id(), "b");
+    }
+
+    #[test]
+    fn round_robin_cycles_by_id() {
+        let selector = Selector::new();
+        let agents = [
+            record("b", 0, Health::Healthy),
+            record("a", 9, Health::Healthy),
+            record("c", 0, Health::Healthy),
+        ];
+        let picks: Vec<&str> = (0..6)
+            .map(|_| {
+                let i = selector
+                    .pick("work", &agents, &Strategy::RoundRobin, &none)
+                    .unwrap();
+                agents[i].id()
+            })
+            .collect();
+        assert_eq!(picks, ["a", "b", "c", "a", "b", "c"]);
+        // Positions are per key.
+        let i = selector
+            .pick("other", &agents, &Strategy::RoundRobin, &none)
+            .unwrap();
+        assert_eq!(agents[i].id(), "a");
+    }
+
+    #[test]
+    fn best_history_prefers_success_then_latency_and_tries_newcomers() {
+        let selector = Selector::new();
+        let agents = [
+            record("fast-flaky", 0, Health::Healthy),
+            record("slow-sure", 0, Health::Healthy),
+            record("quick-sure", 0, Health::Healthy),
+        ];
+        for _ in 0..5 {
+            selector.record("fast-flaky", true, Duration::from_millis(5));
+            selector.record("fast-flaky", false, Duration::ZERO);
+            selector.record("slow-sure", true, Duration::from_millis(400));
+        }
+        // quick-sure has no history yet: it counts as perfect and gets tried.
+        let i = selector
+            .pick("work", &agents, &Strategy::BestHistory, &none)
+            .unwrap();
+        assert_eq!(agents[i].id(), "quick-sure");
+        for _ in 0..3 {
+            selector.record("quick-sure", true, Duration::from_millis(20));
+        }
+        let i = selector
+            .pick("work", &agents, &Strategy::BestHistory, &none)
+            .unwrap();
+        assert_eq!(
+            agents[i].id(),
+            "quick-sure",
+            "same success rate, lower latency"
+        );
+        for _ in 0..3 {
+            selector.record("quick-sure", false, Duration::ZERO);
+        }
+        let i = selector
+            .pick("work", &agents, &Strategy::BestHistory, &none)
+            .unwrap();
+        assert_eq!(
+            agents[i].id(),
+            "slow-sure",
+            "higher success rate wins over speed"
+        );
+        let history = selector.history("slow-sure").unwrap();
+        assert_eq!(history.samples, 5);
+        assert!((history.success_rate - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn affinity_prefers_the_most_matching_labels_and_falls_back() {
+        let selector = Selector::new();
+        let mut eu = record("eu-1", 3, Health::Healthy);
+        eu.descriptor = eu.descriptor.label("region", "eu").label("gpu", "yes");
+        let mut eu2 = record("eu-2", 0, Health::Healthy);
+        eu2.descriptor = eu2.descriptor.label("region", "eu");
+        let us = record("us-1", 0, Health::Healthy);
+        let agents = [eu, eu2, us];
+        let wanted = |pairs: &[(&str, &str)]| Strategy::Affinity {
+            labels: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let pick = |s: Strategy| agents[selector.pick("work", &agents, &s, &none).unwrap()].id();
+        assert_eq!(pick(wanted(&[("region", "eu"), ("gpu", "yes")])), "eu-1");
+        assert_eq!(
+            pick(wanted(&[("region", "eu")])),
+            "eu-2",
+            "least loaded among matches"
+        );
+        assert_eq!(
+            pick(wanted(&[("region", "ap")])),
+            "eu-2",
+            "no match: any, least loaded"
+        );
+    }
+
+    #[test]
+    fn healthy_agents_come_before_degraded_and_unhealthy_never() {
+        let selector = Selector::new();
+        let agents = [
+            record("a", 0, Health::Degraded),
+            record("b", 7, Health::Healthy),
+            record("c", 0, Health::Unhealthy),
+        ];
+        let i = selector
+            .pick("work", &agents, &Strategy::LeastLoaded, &none)
+            .unwrap();
+        assert_eq!(agents[i].id(), "b");
+        let only_bad = [
+            record("a", 0, Health::Degraded),
+            record("c", 0, Health::Unhealthy),
+        ];
+        let i = selector
+            .pick("work", &only_bad, &Strategy::LeastLoaded, &none)
+            .unwrap();
+        assert_eq!(only_bad[i].id(), "a");
+        assert!(selector
+            .pick(
+                "work",
+                &[record("c", 0, Health::Unhealthy)],
+                &Strategy::RoundRobin,
+                &none
+            )
+            .is_none());
     }
 }
