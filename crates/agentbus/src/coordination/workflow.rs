@@ -381,14 +381,12 @@ impl WorkflowSpec {
                         }
                         Colour::Grey => {
                             let start = stack.iter().position(|&(s, _)| s == dep).unwrap_or(0);
-                            // The stack runs from a step to what it depends on; the cycle
-                            // is read in the order "x depends on y".
+                            // The stack runs from a step to what it depends on, so it
+                            // reads "x waits for y" from left to right.
                             let mut names: Vec<&str> = stack[start..]
                                 .iter()
                                 .map(|&(s, _)| self.steps[s].id.as_str())
                                 .collect();
-                            names.reverse();
-                            names.rotate_right(1);
                             let first = names[0];
                             names.push(first);
                             return Err(invalid(format!(
@@ -666,6 +664,7 @@ impl Message for WorkflowRecord {
 /// A workflow's definition, input, status and completion order, folded from events.
 #[derive(Debug, Clone)]
 pub(crate) struct Folded {
+    index: HashMap<String, usize>,
     spec: WorkflowSpec,
     input: serde_json::Value,
     status: WorkflowStatus,
@@ -701,6 +700,12 @@ impl Folded {
             })
             .collect();
         Folded {
+            index: spec
+                .steps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.id.clone(), i))
+                .collect(),
             spec: spec.clone(),
             input: input.clone(),
             status: WorkflowStatus {
@@ -740,7 +745,13 @@ impl Folded {
     }
 
     fn step_mut(&mut self, id: &str) -> Option<&mut StepStatus> {
-        self.status.steps.iter_mut().find(|s| s.id == id)
+        let i = *self.index.get(id)?;
+        self.status.steps.get_mut(i)
+    }
+
+    fn step(&self, id: &str) -> Option<&StepStatus> {
+        let i = *self.index.get(id)?;
+        self.status.steps.get(i)
     }
 
     fn apply(&mut self, event: &WorkflowEvent) {
@@ -1033,7 +1044,6 @@ impl Driver {
                 }
                 Input::Step { step, pointer } => {
                     let output = folded
-                        .status
                         .step(step)
                         .and_then(|s| s.output.as_ref())
                         .ok_or_else(|| format!("input '{name}': step '{step}' has no output"))?;
@@ -1099,7 +1109,7 @@ impl Driver {
                     loop {
                         let (ready, skip) = {
                             let folded = self.folded.lock();
-                            let state_of = |id: &str| folded.status.step(id).map(|s| s.state);
+                            let state_of = |id: &str| folded.step(id).map(|s| s.state);
                             let mut ready = Vec::new();
                             let mut skip = Vec::new();
                             for step in &folded.status.steps {
@@ -1302,7 +1312,7 @@ impl Driver {
                 })
                 .filter(|id| {
                     !matches!(
-                        folded.status.step(id).map(|s| s.state),
+                        folded.step(id).map(|s| s.state),
                         Some(StepState::Compensated | StepState::CompensationFailed)
                     )
                 })
