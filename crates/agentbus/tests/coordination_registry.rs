@@ -26,7 +26,7 @@ async fn heartbeats_build_a_live_view_with_capabilities_and_load() {
         AgentDescriptor::new("extract-1", "extractor")
             .capability("extract")
             .label("region", "eu"),
-        Duration::from_millis(50),
+        Duration::from_millis(500),
         move || AgentLoad {
             in_flight: reported.load(Ordering::Relaxed),
             queue_depth: 1,
@@ -40,7 +40,7 @@ async fn heartbeats_build_a_live_view_with_capabilities_and_load() {
         AgentDescriptor::new("transform-1", "transformer")
             .capability("transform")
             .capability("validate"),
-        Duration::from_millis(50),
+        Duration::from_millis(500),
         AgentLoad::default,
     )
     .await

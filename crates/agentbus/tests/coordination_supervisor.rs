@@ -73,7 +73,7 @@ async fn a_task_is_tracked_from_pending_to_completed_with_history_events_and_sta
         .await
         .unwrap();
     let sup = supervisor(&bus, SupervisorOptions::default()).await;
-    let worker = echo_worker(&bus, "echo-1", "echo", Duration::from_millis(100)).await;
+    let worker = echo_worker(&bus, "echo-1", "echo", Duration::from_secs(1)).await;
     within("agent", sup.registry().wait_for(|a| a.len() == 1)).await;
 
     let handle = sup
@@ -136,7 +136,7 @@ async fn a_task_is_tracked_from_pending_to_completed_with_history_events_and_sta
 async fn no_agent_found_names_the_capability_and_lists_what_exists() {
     let bus = Bus::memory();
     let sup = supervisor(&bus, SupervisorOptions::default()).await;
-    let worker = echo_worker(&bus, "echo-1", "echo", Duration::from_millis(100)).await;
+    let worker = echo_worker(&bus, "echo-1", "echo", Duration::from_secs(1)).await;
     within("agent", sup.registry().wait_for(|a| a.len() == 1)).await;
     let error = sup
         .submit(TaskSpec::capability("translate"))
@@ -273,7 +273,7 @@ async fn a_failing_task_with_no_options_left_fails_and_a_permanent_error_fails_a
     let runs = Arc::new(AtomicU32::new(0));
     let count = runs.clone();
     let _worker = Worker::builder(AgentDescriptor::new("bad-1", "bad").capability("bad"))
-        .heartbeat(Duration::from_millis(100))
+        .heartbeat(Duration::from_secs(1))
         .handle(move |task| {
             count.fetch_add(1, Ordering::SeqCst);
             async move {
@@ -411,12 +411,12 @@ async fn an_open_breaker_steers_capability_work_to_other_agents() {
     };
     let sup = supervisor(&bus, options).await;
     let _broken = Worker::builder(AgentDescriptor::new("a-broken", "w").capability("work"))
-        .heartbeat(Duration::from_millis(100))
+        .heartbeat(Duration::from_secs(1))
         .handle(|_| async { Err(TaskError::retryable("broken")) })
         .spawn(&bus)
         .await
         .unwrap();
-    let _good = echo_worker(&bus, "b-good", "work", Duration::from_millis(100)).await;
+    let _good = echo_worker(&bus, "b-good", "work", Duration::from_secs(1)).await;
     within("agents", sup.registry().wait_for(|a| a.len() == 2)).await;
     // Round robin starts with a-broken; its failure opens its breaker and the backup
     // (same capability) completes the task on b-good.
@@ -516,7 +516,7 @@ async fn strategies_pick_through_real_workers() {
                     .capability("work")
                     .label("region", region),
             )
-            .heartbeat(Duration::from_millis(100))
+            .heartbeat(Duration::from_secs(1))
             .concurrency(8)
             .handle(move |_| {
                 let me = me.clone();
@@ -601,7 +601,7 @@ async fn broadcasts_reach_every_listener() {
 async fn duplicate_task_ids_and_zero_timeouts_are_refused() {
     let bus = Bus::memory();
     let sup = supervisor(&bus, SupervisorOptions::default()).await;
-    let _w = echo_worker(&bus, "e", "echo", Duration::from_millis(100)).await;
+    let _w = echo_worker(&bus, "e", "echo", Duration::from_secs(1)).await;
     within("agent", sup.registry().wait_for(|a| a.len() == 1)).await;
     sup.submit(TaskSpec::capability("echo").id("same"))
         .await

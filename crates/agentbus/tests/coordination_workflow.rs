@@ -29,7 +29,7 @@ where
     Fut: std::future::Future<Output = Result<Value, TaskError>> + Send + 'static,
 {
     Worker::builder(AgentDescriptor::new(id, capability).capability(capability))
-        .heartbeat(Duration::from_millis(200))
+        .heartbeat(Duration::from_secs(1))
         .concurrency(concurrency)
         .handle(f)
         .spawn(bus)

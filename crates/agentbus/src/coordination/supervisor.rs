@@ -88,6 +88,10 @@ pub struct TaskSpec {
     pub strategy: Option<Strategy>,
     /// The workflow step this task runs.
     pub workflow: Option<WorkflowRef>,
+    /// When no agent can take it now, wait (as `pending`) up to the timeout for one
+    /// to become available instead of failing with `NoAgentFound`. Workflow steps do.
+    #[serde(default)]
+    pub wait_for_agent: bool,
 }
 
 impl TaskSpec {
@@ -112,7 +116,15 @@ impl TaskSpec {
             backup: None,
             strategy: None,
             workflow: None,
+            wait_for_agent: false,
         }
+    }
+
+    /// Waits up to the timeout for an agent instead of failing at once when none is
+    /// available.
+    pub fn wait_for_agent(mut self, wait: bool) -> Self {
+        self.wait_for_agent = wait;
+        self
     }
 
     /// Sets the input.
@@ -568,7 +580,11 @@ impl Supervisor {
                 )
                 .with_context("task", &id));
             }
-            let agent = inner.choose(&mut state, &spec.target, &[], &strategy, now)?;
+            let agent = match inner.choose(&mut state, &spec.target, &[], &strategy, now) {
+                Ok(agent) => Ok(agent),
+                Err(e) if spec.wait_for_agent && e.kind() == ErrorKind::NoAgentFound => Err(e),
+                Err(e) => return Err(e),
+            };
             let (done, rx) = watch::channel(None);
             let backup = spec.backup.clone().or(match &spec.target {
                 Target::Capability(c) => Some(Target::Capability(c.clone())),
@@ -612,7 +628,26 @@ impl Supervisor {
                 now,
                 &mut outbox,
             );
-            inner.assign(&mut state, &id, agent, "assigned".into(), now, &mut outbox);
+            match agent {
+                Ok(agent) => {
+                    inner.assign(&mut state, &id, agent, "assigned".into(), now, &mut outbox)
+                }
+                Err(e) => {
+                    if let Some(task) = state.tasks.get_mut(&id) {
+                        task.pending_until = Some(later(now, timeout));
+                    }
+                    let detail = format!("waiting up to {timeout:?} for an agent: {}", e.message());
+                    inner.event(
+                        &mut state,
+                        &id,
+                        TaskStatus::Pending,
+                        None,
+                        detail,
+                        now,
+                        &mut outbox,
+                    );
+                }
+            }
             TaskHandle { id, done: rx }
         };
         inner.flush(outbox).await;

@@ -1280,7 +1280,10 @@ impl Driver {
         let step_name = step_id.to_string();
         match self.resolve(&step.inputs) {
             Ok(input) => {
-                let mut task = TaskSpec::to(step.target.clone()).input(input).id(task_id);
+                let mut task = TaskSpec::to(step.target.clone())
+                    .input(input)
+                    .id(task_id)
+                    .wait_for_agent(true);
                 task.timeout = step.timeout;
                 task.retries = step.retries;
                 task.workflow = Some(WorkflowRef {
@@ -1341,7 +1344,10 @@ impl Driver {
             .await;
             let result = match self.resolve(&comp.inputs) {
                 Ok(input) => {
-                    let mut task = TaskSpec::to(comp.target.clone()).input(input).id(task_id);
+                    let mut task = TaskSpec::to(comp.target.clone())
+                        .input(input)
+                        .id(task_id)
+                        .wait_for_agent(true);
                     task.timeout = comp.timeout;
                     task.retries = comp.retries;
                     task.workflow = Some(WorkflowRef {
