@@ -23,7 +23,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::commands::{bench, dlq, publish, request, stats, subscribe};
+use crate::commands::{bench, coordination, dlq, publish, request, stats, subscribe};
 
 /// The kind `pub` and `req` give a message when `--kind` is not set.
 pub(crate) const DEFAULT_KIND: &str = "cli.message";
@@ -89,6 +89,13 @@ enum Command {
     Demo(DemoArgs),
     /// Measure throughput and p50/p99/p999 latency of the backend.
     Bench(bench::BenchArgs),
+    /// List the agents heartbeating on the backend: id, capabilities, health, load.
+    Agents(coordination::AgentsArgs),
+    /// List the supervised tasks recorded on the backend, with their status.
+    Tasks(coordination::TasksArgs),
+    /// Inspect workflows run by a supervisor.
+    #[command(subcommand)]
+    Workflow(coordination::WorkflowCommand),
 }
 
 /// `agentbus demo <NAME> [ARGS]...`.
@@ -221,6 +228,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stats => stats::run(&global).await,
         Command::Demo(args) => demo::run_demo(&args.name, &args.args, &global).await,
         Command::Bench(args) => bench::run(&global, args).await,
+        Command::Agents(args) => coordination::agents(&global, args).await,
+        Command::Tasks(args) => coordination::tasks(&global, args).await,
+        Command::Workflow(command) => coordination::workflow(&global, command).await,
     }
 }
 

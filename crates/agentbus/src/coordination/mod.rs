@@ -27,6 +27,7 @@
 //! The design decisions are written down in `docs/COORDINATION.md`.
 
 mod breaker;
+mod history;
 mod protocol;
 mod registry;
 mod supervisor;
@@ -34,6 +35,7 @@ mod worker;
 mod workflow;
 
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+pub use history::{fold_tasks, read_tasks, TaskSummary};
 pub use protocol::{
     agent_task_channel, supervisor_report_channel, workflow_channel, AgentEvent, AgentGoodbye,
     AgentHeartbeat, AgentLoad, CoordinationMessage, Health, ReportOutcome, ReportedHealth,

@@ -67,7 +67,7 @@ fn token_channel(prefix: &str, token: &str, what: &str) -> Result<ChannelName> {
             ErrorKind::InvalidChannel,
             format!(
                 "{what} '{token}' cannot be used in a channel name: use only [A-Za-z0-9_-], \
-                 e.g. 'transform-1'"
+                 e.g. 'etl-7'"
             ),
         )
         .with_context(what_key(what), token));

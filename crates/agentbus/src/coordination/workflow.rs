@@ -31,10 +31,9 @@ use tokio::task::JoinHandle;
 use super::protocol::{workflow_channel, TaskStatus, WorkflowRef, WORKFLOWS_PREFIX};
 use super::supervisor::{Supervisor, Target, TaskOutcome, TaskSpec};
 use crate::bus::{Bus, PublishOptions};
-use crate::channel::{ChannelName, ChannelPattern};
+use crate::channel::ChannelName;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
-use crate::transport::{StartPosition, SubscribeOptions};
 
 /// Where a step input comes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -885,54 +884,15 @@ pub async fn read_workflow(bus: &Bus, id: &str) -> Result<WorkflowStatus> {
     })
 }
 
-/// Reads a workflow channel from the earliest retained message to the last one
-/// published when the read began.
+/// Reads a workflow channel's events.
 async fn read_events(bus: &Bus, channel: &ChannelName) -> Result<Vec<WorkflowEvent>> {
     bus.register::<WorkflowRecord>();
-    let stats = bus.transport().stats().await?;
-    let Some(last) = stats
-        .channels
+    Ok(super::history::read_channel(bus, channel)
+        .await?
         .iter()
-        .find(|c| &c.channel == channel)
-        .map(|c| c.last_sequence)
-    else {
-        return Ok(Vec::new());
-    };
-    if last == 0 {
-        return Ok(Vec::new());
-    }
-    let mut subscription = bus
-        .subscribe(
-            SubscribeOptions::new(ChannelPattern::from(channel.clone()))
-                .start(StartPosition::Earliest)
-                .prefetch(1024)
-                .max_deliveries(1),
-        )
-        .await?;
-    let mut events = Vec::new();
-    loop {
-        let batch = tokio::time::timeout(Duration::from_secs(10), subscription.next_batch(1024))
-            .await
-            .map_err(|_| {
-                Error::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "reading the events of '{channel}' stalled for 10 s before sequence {last}"
-                    ),
-                )
-            })??;
-        let mut done = false;
-        let _ = crate::transport::ack_all(&batch).await;
-        for delivery in &batch {
-            if let Ok(record) = delivery.envelope().decode_json::<WorkflowRecord>() {
-                events.push(record.event);
-            }
-            done |= delivery.sequence() >= last;
-        }
-        if done {
-            return Ok(events);
-        }
-    }
+        .filter_map(|e| e.decode_json::<WorkflowRecord>().ok())
+        .map(|r| r.event)
+        .collect())
 }
 
 /// A workflow entry in a supervisor.

@@ -283,7 +283,7 @@ pub(crate) async fn run(bus: Bus, options: &EtlDemoOptions) -> anyhow::Result<Et
     for id in ["transformer-a", "transformer-c"] {
         workers.push(spawn(&bus, id, "transform", heartbeat, 2, transform).await?);
     }
-    // transformer-b: takes its second task, hangs, and then its process is gone.
+    // transformer-b: hangs on its first task, and then its process is gone.
     let stalled = Arc::new(Notify::new());
     let stall = options.stall_one_transformer;
     let taken = Arc::new(AtomicU64::new(0));
@@ -296,7 +296,7 @@ pub(crate) async fn run(bus: Bus, options: &EtlDemoOptions) -> anyhow::Result<Et
         2,
         move |task| {
             let n = taken.fetch_add(1, Ordering::SeqCst);
-            let hang_now = n == 1 && hang.load(Ordering::SeqCst);
+            let hang_now = n == 0 && hang.load(Ordering::SeqCst);
             let signal = signal.clone();
             async move {
                 if hang_now {
@@ -374,25 +374,34 @@ pub(crate) async fn run(bus: Bus, options: &EtlDemoOptions) -> anyhow::Result<Et
                 .await?,
         );
     }
-    // The stalled transformer's process goes away: no more heartbeats, no goodbye.
-    let mut stalled_agent = None;
+    // When transformer-b hangs on its task, its process goes away: no more
+    // heartbeats, no goodbye. (If it never gets a task, nothing stalls.)
     let mut transformer_b = Some(transformer_b);
-    if stall {
-        let wait = tokio::time::timeout(Duration::from_secs(20), stalled.notified()).await;
-        if wait.is_ok() {
-            if let Some(worker) = transformer_b.take() {
-                worker.abort();
-            }
-            stalled_agent = Some("transformer-b".to_string());
+    let mut stalled_agent = None;
+    let all_done = async {
+        let mut finished: Vec<WorkflowStatus> = Vec::new();
+        for handle in &handles {
+            finished.push(handle.clone().wait().await);
         }
-    }
-    let mut finished: Vec<WorkflowStatus> = Vec::new();
-    for handle in handles {
-        let status = tokio::time::timeout(Duration::from_secs(60), handle.clone().wait())
-            .await
-            .with_context(|| format!("workflow {} did not finish within 60 s", handle.id()))?;
-        finished.push(status);
-    }
+        finished
+    };
+    tokio::pin!(all_done);
+    let finished = tokio::time::timeout(Duration::from_secs(60), async {
+        if stall {
+            tokio::select! {
+                finished = &mut all_done => return finished,
+                _ = stalled.notified() => {
+                    if let Some(worker) = transformer_b.take() {
+                        worker.abort();
+                    }
+                    stalled_agent = Some("transformer-b".to_string());
+                }
+            }
+        }
+        (&mut all_done).await
+    })
+    .await
+    .context("the workflows did not finish within 60 s")?;
     let stats = supervisor.stats();
     let agents = supervisor.agent_stats();
     supervisor.shutdown();
