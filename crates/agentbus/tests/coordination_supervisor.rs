@@ -618,3 +618,37 @@ async fn duplicate_task_ids_and_zero_timeouts_are_refused() {
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
     sup.shutdown();
 }
+
+#[tokio::test]
+async fn a_task_can_wait_for_an_agent_and_escalates_if_none_comes() {
+    let (bus, clock) = manual_bus();
+    let sup = supervisor(&bus, SupervisorOptions::default()).await;
+    let waiting = sup
+        .submit(
+            TaskSpec::capability("late")
+                .wait_for_agent(true)
+                .timeout(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(sup.task(waiting.id()).unwrap().status, TaskStatus::Pending);
+    let _late = echo_worker(&bus, "late-1", "late", Duration::from_secs(600)).await;
+    let outcome = within("assigned once the agent appeared", waiting.wait()).await;
+    assert_eq!(outcome.status, TaskStatus::Completed);
+    assert_eq!(outcome.agent.as_deref(), Some("late-1"));
+
+    let nobody = sup
+        .submit(
+            TaskSpec::capability("nobody")
+                .wait_for_agent(true)
+                .timeout(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(30));
+    sup.check_timeouts().await;
+    let outcome = within("escalated", nobody.wait()).await;
+    assert_eq!(outcome.status, TaskStatus::Escalated);
+    assert_eq!(outcome.attempts, 0);
+    sup.shutdown();
+}

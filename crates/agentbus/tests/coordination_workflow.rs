@@ -663,3 +663,46 @@ proptest! {
         runtime.block_on(run_random_dag(1000, seed));
     }
 }
+
+#[tokio::test]
+async fn a_failed_compensation_is_recorded_and_the_others_still_run() {
+    let bus = Bus::memory();
+    let sup = supervisor(&bus).await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let _workers = saga_workers(&bus, log.clone()).await;
+    let _broken_undo = worker(&bus, "undo-broken", "undo-broken", 1, |_| async {
+        Err(TaskError::permanent("refund service down"))
+    })
+    .await;
+    within("agents", sup.registry().wait_for(|a| a.len() == 3)).await;
+    let broken = StepSpec::capability("book-car", "do")
+        .input("name", Input::value(json!("book-car")))
+        .compensate(CompensationSpec::new(Target::Capability(
+            "undo-broken".into(),
+        )));
+    let spec = WorkflowSpec::new("trip")
+        .on_failure(FailurePolicy::Compensate)
+        .step(saga_step("reserve-flight", true))
+        .step(broken.after(["reserve-flight"]))
+        .step(saga_step("charge-card", true).after(["book-car"]));
+    let status = sup
+        .start_workflow(spec, json!({}))
+        .await
+        .unwrap()
+        .wait()
+        .await;
+    assert_eq!(status.state, WorkflowState::CompensationFailed);
+    let order: Vec<(&str, &str)> = status
+        .compensations
+        .iter()
+        .map(|c| (c.step.as_str(), c.state.as_str()))
+        .collect();
+    assert_eq!(
+        order,
+        [("book-car", "failed"), ("reserve-flight", "completed")]
+    );
+    assert!(log
+        .lock()
+        .contains(&"undo:reserve-flight:reserve-flight-ref".to_string()));
+    sup.shutdown();
+}

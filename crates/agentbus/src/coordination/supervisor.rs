@@ -468,6 +468,18 @@ impl Supervisor {
             },
         )
         .await?;
+        // Reports to a supervisor that is gone have no reader: keep a bounded tail.
+        bus.transport()
+            .configure_channels(
+                ChannelPattern::new("_sys.tasks.reports.>")?,
+                ChannelConfig {
+                    max_age: Some(Duration::from_secs(3600)),
+                    max_messages: Some(100_000),
+                    discard: Discard::DropOldest,
+                    ..ChannelConfig::default()
+                },
+            )
+            .await?;
         bus.transport()
             .configure_channels(
                 ChannelPattern::new(TASK_EVENTS)?,
@@ -1548,7 +1560,13 @@ async fn run(
         };
         tokio::select! {
             batch = reports.next_batch(256) => {
-                let Ok(batch) = batch else { return };
+                let batch = match batch {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        tracing::error!(error = %e, "supervisor: report subscription ended; the supervisor stops tracking");
+                        return;
+                    }
+                };
                 let Some(inner) = weak.upgrade() else { return };
                 let _ = crate::transport::ack_all(&batch).await;
                 for delivery in batch {
