@@ -23,7 +23,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::commands::{bench, dlq, doctor, publish, repair, request, stats, subscribe};
+use crate::commands::{
+    bench, coordination, dlq, doctor, publish, repair, request, stats, subscribe,
+};
 
 /// The kind `pub` and `req` give a message when `--kind` is not set.
 pub(crate) const DEFAULT_KIND: &str = "cli.message";
@@ -96,6 +98,13 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Make a damaged durable log (file:DIR) openable again, quarantining the damage.
     Repair(repair::RepairArgs),
+    /// List the agents heartbeating on the backend: id, capabilities, health, load.
+    Agents(coordination::AgentsArgs),
+    /// List the supervised tasks recorded on the backend, with their status.
+    Tasks(coordination::TasksArgs),
+    /// Inspect workflows run by a supervisor.
+    #[command(subcommand)]
+    Workflow(coordination::WorkflowCommand),
 }
 
 /// `agentbus demo <NAME> [ARGS]...`.
@@ -230,6 +239,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run_demo(&args.name, &args.args, &global).await,
         Command::Bench(args) => bench::run(&global, args).await,
         Command::Repair(args) => repair::run(&global, args).await,
+        Command::Agents(args) => coordination::agents(&global, args).await,
+        Command::Tasks(args) => coordination::tasks(&global, args).await,
+        Command::Workflow(command) => coordination::workflow(&global, command).await,
     }
 }
 

@@ -11,6 +11,7 @@ pub mod agent;
 pub mod bus;
 pub mod channel;
 pub mod clock;
+pub mod coordination;
 pub mod envelope;
 pub mod error;
 pub mod memory;

@@ -5,6 +5,7 @@
 //! and raises a [`CliError`] with exit 2 itself.
 
 pub(crate) mod bench;
+pub(crate) mod coordination;
 pub(crate) mod dlq;
 pub(crate) mod doctor;
 pub(crate) mod publish;
