@@ -277,9 +277,17 @@ pub struct BusBuilder {
     clock: Option<SharedClock>,
     strict_kinds: bool,
     registry: KindRegistry,
+    observers: Vec<Arc<dyn crate::observe::BusObserver>>,
 }
 
 impl BusBuilder {
+    /// Adds an observer that sees every message published, delivered and settled
+    /// through this bus (see [`crate::observe`]).
+    pub fn observer(mut self, observer: Arc<dyn crate::observe::BusObserver>) -> Self {
+        self.observers.push(observer);
+        self
+    }
+
     /// Reads time (timestamps, ttl, request timeouts) from `clock`; pass the engine's
     /// clock when it is manual.
     pub fn clock(mut self, clock: SharedClock) -> Self {
@@ -302,13 +310,23 @@ impl BusBuilder {
     /// Builds the bus.
     pub fn build(self) -> Bus {
         let id = uuid::Uuid::now_v7().simple().to_string();
+        let clock = self
+            .clock
+            .unwrap_or_else(|| Arc::new(crate::clock::SystemClock));
+        let transport: Arc<dyn Transport> = if self.observers.is_empty() {
+            self.transport
+        } else {
+            Arc::new(crate::observe::ObservedTransport::new(
+                self.transport,
+                self.observers,
+                clock.clone(),
+            ))
+        };
         Bus {
             inner: Arc::new(BusInner {
-                transport: self.transport,
+                transport,
                 registry: self.registry,
-                clock: self
-                    .clock
-                    .unwrap_or_else(|| Arc::new(crate::clock::SystemClock)),
+                clock,
                 id,
                 strict_kinds: self.strict_kinds,
                 waiters: Arc::default(),
@@ -338,6 +356,7 @@ impl Bus {
             clock: None,
             strict_kinds: false,
             registry: KindRegistry::new(),
+            observers: Vec::new(),
         }
     }
 
@@ -568,6 +587,8 @@ impl Bus {
             receiver: request.header.sender.clone(),
             sender: sender.map(str::to_string),
             priority: Some(request.header.priority),
+            tenant: request.header.tenant.clone(),
+            trace: request.header.trace.clone(),
             ..PublishOptions::default()
         };
         self.envelope(&reply_to, reply, &options)

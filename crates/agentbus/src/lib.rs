@@ -15,6 +15,7 @@ pub mod envelope;
 pub mod error;
 pub mod memory;
 pub mod message;
+pub mod observe;
 pub mod transport;
 
 pub use agent::{
@@ -31,6 +32,7 @@ pub use envelope::{DeadReason, Envelope, Header, MessageId, Priority, CONTENT_TY
 pub use error::{Error, ErrorKind, Result};
 pub use memory::{MemoryEngine, MemoryEngineBuilder};
 pub use message::{KindRegistry, Message};
+pub use observe::{BusEvent, BusObserver, MetricsObserver, ObservedTransport};
 pub use transport::{
     ack_all, Capabilities, ChannelConfig, ChannelStats, Consumer, DeadLetter, DeadLetterFilter,
     Delivery, DeliveryHandle, Discard, EngineStats, GroupStats, PublishLimits, PublishReceipt,
