@@ -6,8 +6,19 @@
 //! - [`prometheus`]: the `/metrics` endpoint for the core's [`agentbus::MetricsObserver`]
 //!   counters and histograms, plus engine gauges (queue depth, dead letters, expired).
 //!
+//! - [`audit`]: JSON Lines files per category and UTC day, written off the hot path,
+//!   with rotation and retention.
+//!
 //! Design decisions are in `docs/OBSERVABILITY.md`.
 
+pub mod audit;
 pub mod prometheus;
 
 pub use prometheus::{EngineGauges, PrometheusEndpoint};
+
+/// The agent behind a group name made by the agent runtime (`agent-<name>--<pattern>`),
+/// if it is one.
+pub fn agent_of_group(group: &str) -> Option<&str> {
+    let rest = group.strip_prefix("agent-")?;
+    Some(rest.split_once("--").map_or(rest, |(name, _)| name))
+}
