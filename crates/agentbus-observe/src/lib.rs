@@ -8,11 +8,14 @@
 //!
 //! - [`audit`]: JSON Lines files per category and UTC day, written off the hot path,
 //!   with rotation and retention.
+//! - [`store`]: the SQLite interaction store (every message with its header), with
+//!   queries by agent, thread, kind and time, timelines and workflow status.
 //!
 //! Design decisions are in `docs/OBSERVABILITY.md`.
 
 pub mod audit;
 pub mod prometheus;
+pub mod store;
 
 pub use prometheus::{EngineGauges, PrometheusEndpoint};
 
