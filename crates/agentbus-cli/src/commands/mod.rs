@@ -6,6 +6,7 @@
 
 pub(crate) mod bench;
 pub(crate) mod dlq;
+pub(crate) mod observe;
 pub(crate) mod publish;
 pub(crate) mod request;
 pub(crate) mod stats;
