@@ -10,10 +10,13 @@
 //!   with rotation and retention.
 //! - [`store`]: the SQLite interaction store (every message with its header), with
 //!   queries by agent, thread, kind and time, timelines and workflow status.
+//! - [`context`]: seed 004's context service: peers answer context requests from
+//!   their own interaction history; the requester merges the replies.
 //!
 //! Design decisions are in `docs/OBSERVABILITY.md`.
 
 pub mod audit;
+pub mod context;
 pub mod prometheus;
 pub mod store;
 
