@@ -252,3 +252,64 @@ fn trace_log_and_stats_read_the_store() {
     let bad = agentbus(&["log", "--store", "s.db", "--since", "soon"], dir.path());
     assert_code(&bad, 2);
 }
+
+#[test]
+fn demo_context_reports_responders_timeouts_and_merged_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = agentbus(
+        &[
+            "demo",
+            "context",
+            "--json",
+            "--peers",
+            "3",
+            "--slow",
+            "1",
+            "--tasks",
+            "2",
+            "--timeout",
+            "400ms",
+            "--store-dir",
+            "stores",
+        ],
+        dir.path(),
+    );
+    assert_code(&run, 0);
+    let report: Value = serde_json::from_str(text(&run.stdout).trim()).unwrap();
+    let mut responders: Vec<&str> = report["responders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    responders.sort_unstable();
+    assert_eq!(
+        responders,
+        ["marketing-agent-1", "product-agent-1"],
+        "{report}"
+    );
+    assert_eq!(report["timed_out"], serde_json::json!(["sales-agent-1"]));
+    // Each answering peer: 2 tasks assigned to it + 2 reports it sent back.
+    let items = report["items"].as_array().unwrap();
+    assert_eq!(items.len(), 8, "{report}");
+    assert!(items
+        .iter()
+        .all(|i| i["sender"] == "planner-1" || i["receiver"] == "planner-1"));
+    // The peers' stores stay on disk and read like any other.
+    let log = agentbus(
+        &[
+            "log",
+            "--store",
+            "stores/sales-agent-1.db",
+            "--agent",
+            "planner-1",
+            "--json",
+        ],
+        dir.path(),
+    );
+    assert_code(&log, 0);
+    assert_eq!(text(&log.stdout).lines().count(), 4);
+
+    let bad = agentbus(&["demo", "context", "--peers", "0"], dir.path());
+    assert_code(&bad, 2);
+}

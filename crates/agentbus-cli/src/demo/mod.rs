@@ -6,16 +6,23 @@
 //! parses its own `args` (everything after the name, flags included) and may read the
 //! global `--backend` / `--json` from `global`.
 
+mod context;
 mod vehicle;
 
 use crate::{CliError, Global};
 
 /// The demos this build knows, as `(name, one-line description)`; listed in the error
 /// for an unknown name.
-pub(crate) const DEMOS: &[(&str, &str)] = &[(
-    "vehicle",
-    "seed 000: vehicle data → analysis → engagement → scheduling → feedback → insights",
-)];
+pub(crate) const DEMOS: &[(&str, &str)] = &[
+    (
+        "vehicle",
+        "seed 000: vehicle data → analysis → engagement → scheduling → feedback → insights",
+    ),
+    (
+        "context",
+        "seed 004: peers answer a context request from their interaction stores within a timeout",
+    ),
+];
 
 /// Runs the demo called `name` with its own `args`.
 ///
@@ -30,6 +37,7 @@ pub(crate) async fn run_demo(name: &str, args: &[String], global: &Global) -> an
     let (global, args) = split_globals(args, global)?;
     match name {
         "vehicle" => vehicle::run_cli(&args, &global).await,
+        "context" => context::run_cli(&args, &global).await,
         _ => Err(unknown_demo(name).into()),
     }
 }
