@@ -12,6 +12,8 @@
 //!   queries by agent, thread, kind and time, timelines and workflow status.
 //! - [`context`]: seed 004's context service: peers answer context requests from
 //!   their own interaction history; the requester merges the replies.
+//! - [`ueba`]: per-agent baselines (kinds, peers, rate) and anomaly events on
+//!   `_sys.security.anomaly`.
 //!
 //! Design decisions are in `docs/OBSERVABILITY.md`.
 
@@ -19,6 +21,7 @@ pub mod audit;
 pub mod context;
 pub mod prometheus;
 pub mod store;
+pub mod ueba;
 
 pub use prometheus::{EngineGauges, PrometheusEndpoint};
 
