@@ -428,11 +428,23 @@ impl Bus {
     /// [`ErrorKind::Schema`] if the payload does not decode for its registered kind;
     /// [`ErrorKind::MessageKindNotRegistered`] for an unknown kind on a strict bus; any
     /// transport error (`InvalidInput`, `Full`, `Backend`…).
-    pub async fn publish_envelope(&self, envelope: Envelope) -> Result<PublishReceipt> {
+    ///
+    /// The header's W3C `traceparent` is stamped on the way: a new trace, or a new span
+    /// of the trace it carries (see [`crate::trace_context`]).
+    pub async fn publish_envelope(&self, mut envelope: Envelope) -> Result<PublishReceipt> {
         self.inner
             .registry
             .validate(&envelope, self.inner.strict_kinds)?;
-        self.inner.transport.publish(envelope).await
+        crate::trace_context::stamp(&mut envelope.header);
+        let span = tracing::debug_span!(
+            "agentbus.publish",
+            channel = %envelope.channel,
+            kind = %envelope.header.kind,
+            correlation_id = envelope.header.correlation_id.as_deref(),
+            message_id = %envelope.header.id,
+            traceparent = envelope.header.trace.as_deref(),
+        );
+        tracing::Instrument::instrument(self.inner.transport.publish(envelope), span).await
     }
 
     /// Subscribes; see [`SubscribeOptions`].
@@ -782,10 +794,11 @@ impl Subscription {
             .buffer
             .pop_front()
             .ok_or_else(|| Error::new(ErrorKind::Internal, "the engine returned an empty batch"))?;
-        if let Err(error) = self
-            .registry
-            .validate(delivery.envelope(), self.strict_kinds)
-        {
+        let checked = deliver_span(&delivery, self.consumer.group()).in_scope(|| {
+            self.registry
+                .validate(delivery.envelope(), self.strict_kinds)
+        });
+        if let Err(error) = checked {
             delivery
                 .reject(DeadReason::Schema, error.to_string())
                 .await?;
@@ -830,6 +843,21 @@ impl Subscription {
     pub fn group(&self) -> &str {
         self.consumer.group()
     }
+}
+
+/// The span of one delivery (covering its schema check).
+fn deliver_span(delivery: &Delivery, group: &str) -> tracing::Span {
+    let envelope = delivery.envelope();
+    tracing::debug_span!(
+        "agentbus.deliver",
+        channel = %envelope.channel,
+        kind = %envelope.header.kind,
+        correlation_id = envelope.header.correlation_id.as_deref(),
+        message_id = %envelope.header.id,
+        attempt = envelope.header.attempt,
+        group,
+        traceparent = envelope.header.trace.as_deref(),
+    )
 }
 
 /// A delivery with its decoded payload.

@@ -16,6 +16,7 @@ pub mod error;
 pub mod memory;
 pub mod message;
 pub mod observe;
+pub mod trace_context;
 pub mod transport;
 
 pub use agent::{
