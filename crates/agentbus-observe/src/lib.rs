@@ -14,11 +14,15 @@
 //!   their own interaction history; the requester merges the replies.
 //! - [`ueba`]: per-agent baselines (kinds, peers, rate) and anomaly events on
 //!   `_sys.security.anomaly`.
+//! - `otlp` (cargo feature `otlp`): OpenTelemetry spans of every message, exported to
+//!   an OTLP/HTTP collector.
 //!
 //! Design decisions are in `docs/OBSERVABILITY.md`.
 
 pub mod audit;
 pub mod context;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod prometheus;
 pub mod store;
 pub mod ueba;

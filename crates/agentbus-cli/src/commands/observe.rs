@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use agentbus::{Bus, MetricsObserver, Transport};
 use agentbus_observe::audit::{AuditConfig, AuditSink};
+use agentbus_observe::otlp::{OtlpConfig, OtlpExporter};
 use agentbus_observe::store::{Interaction, InteractionStore, Query, TimelineStep, WorkflowStatus};
 use agentbus_observe::{EngineGauges, PrometheusEndpoint};
 use chrono::{DateTime, Utc};
@@ -41,6 +42,10 @@ pub(crate) struct ObserveArgs {
     /// Write JSON Lines audit files (one per category and UTC day) into DIR.
     #[arg(long, value_name = "DIR")]
     pub(crate) audit: Option<PathBuf>,
+    /// Export a span per message to an OpenTelemetry collector over OTLP/HTTP, e.g.
+    /// http://127.0.0.1:4318.
+    #[arg(long, value_name = "URL")]
+    pub(crate) otlp: Option<String>,
 }
 
 /// What [`ObserveArgs::bus`] started; [`Observing::finish`] flushes and holds it.
@@ -51,6 +56,7 @@ pub(crate) struct Observing {
     transport: Option<Arc<dyn Transport>>,
     store: Option<Arc<InteractionStore>>,
     audit: Option<Arc<AuditSink>>,
+    otlp: Option<Arc<OtlpExporter>>,
     hold: Option<Duration>,
 }
 
@@ -93,6 +99,11 @@ impl ObserveArgs {
             builder = builder.observer(audit.clone());
             observing.audit = Some(audit);
         }
+        if let Some(endpoint) = &self.otlp {
+            let exporter = Arc::new(OtlpExporter::start(OtlpConfig::new(endpoint.clone()))?);
+            builder = builder.observer(exporter.clone());
+            observing.otlp = Some(exporter);
+        }
         Ok((builder.build(), observing))
     }
 }
@@ -128,6 +139,15 @@ impl Observing {
                     "warning: the audit sink dropped {} records (it fell behind)",
                     stats.dropped
                 );
+            }
+        }
+        if let Some(otlp) = &self.otlp {
+            if let Err(e) = otlp.flush().await {
+                eprintln!("warning: OTLP export: {e}");
+            }
+            let (_, dropped, failed) = otlp.counts();
+            if dropped + failed > 0 {
+                eprintln!("warning: OTLP export lost {} spans ({dropped} dropped, {failed} not accepted by the collector)", dropped + failed);
             }
         }
         if let (Some(endpoint), Some(transport)) = (&self.endpoint, &self.transport) {
