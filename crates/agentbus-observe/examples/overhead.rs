@@ -87,6 +87,22 @@ async fn main() -> agentbus::Result<()> {
     let audit = Arc::new(AuditSink::start(AuditConfig::new(
         dir.path().join("audit"),
     ))?);
+    let only_store = Arc::new(InteractionStore::open(dir.path().join("only.db"))?);
+    let rate = run(vec![only_store.clone()]).await?;
+    only_store.flush()?;
+    println!(
+        "  store only                       {rate:>10.0} msg/s  ({:?})",
+        only_store.stats()
+    );
+    let only_audit = Arc::new(AuditSink::start(AuditConfig::new(
+        dir.path().join("only-audit"),
+    ))?);
+    let rate = run(vec![only_audit.clone()]).await?;
+    only_audit.flush()?;
+    println!(
+        "  audit only                       {rate:>10.0} msg/s  ({:?})",
+        only_audit.stats()
+    );
     let all = run(vec![
         Arc::new(MetricsObserver),
         store.clone(),

@@ -552,3 +552,90 @@ fn dead_reason(settlement: &Settlement) -> &'static str {
         Settlement::Ack => "none",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::Bus;
+    use crate::channel::ChannelName;
+    use crate::envelope::DeadReason;
+    use crate::memory::MemoryEngine;
+    use crate::transport::ack_all;
+
+    #[derive(Debug, Default)]
+    struct Names(Mutex<Vec<String>>);
+
+    impl BusObserver for Names {
+        fn on_event(&self, event: &BusEvent<'_>) {
+            let extra = match event {
+                BusEvent::Settled { dead_lettered, .. } if *dead_lettered => "+dead",
+                _ => "",
+            };
+            self.0.lock().push(format!("{}{extra}", event.name()));
+        }
+    }
+
+    #[tokio::test]
+    async fn every_path_is_reported() {
+        let names = Arc::new(Names::default());
+        let engine = MemoryEngine::builder().max_payload_bytes(64).build();
+        let bus = Bus::builder(Arc::new(engine))
+            .observer(names.clone())
+            .build();
+        let channel = ChannelName::new("observe.test").unwrap();
+        let mut sub = bus
+            .subscribe(
+                SubscribeOptions::new(ChannelPattern::from(channel.clone())).max_deliveries(1),
+            )
+            .await
+            .unwrap();
+        for n in 0..3 {
+            bus.publish_envelope(Envelope::json(channel.clone(), "t", &n).unwrap())
+                .await
+                .unwrap();
+        }
+        // Batch ack goes through settle_many.
+        let batch = sub.next_batch(2).await.unwrap();
+        ack_all(&batch).await.unwrap();
+        // A second settlement is an error and is not reported again.
+        assert!(batch[0].ack().await.is_err());
+        // Nack of the last allowed delivery dead-letters.
+        sub.next()
+            .await
+            .unwrap()
+            .nack(Duration::ZERO, None)
+            .await
+            .unwrap();
+        // A publish the engine refuses (payload over 64 bytes).
+        let big = Envelope::new(channel.clone(), "t", vec![b'x'; 100]);
+        assert!(bus.publish_envelope(big).await.is_err());
+        bus.publish_envelope(Envelope::json(channel.clone(), "t", &9).unwrap())
+            .await
+            .unwrap();
+        sub.next()
+            .await
+            .unwrap()
+            .reject(DeadReason::Rejected, "no")
+            .await
+            .unwrap();
+        let names = names.0.lock().clone();
+        assert_eq!(
+            names,
+            [
+                "published",
+                "published",
+                "published",
+                "delivered",
+                "delivered",
+                "acked",
+                "acked",
+                "delivered",
+                "nacked+dead",
+                "publish_failed",
+                "published",
+                "delivered",
+                "rejected+dead",
+            ]
+        );
+    }
+}
