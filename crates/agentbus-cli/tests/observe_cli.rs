@@ -313,3 +313,43 @@ fn demo_context_reports_responders_timeouts_and_merged_items() {
     let bad = agentbus(&["demo", "context", "--peers", "0"], dir.path());
     assert_code(&bad, 2);
 }
+
+#[test]
+fn sub_and_ueba_take_the_observe_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = agentbus(
+        &[
+            "sub",
+            "nothing.here",
+            "--timeout",
+            "200ms",
+            "--store",
+            "sub.db",
+            "--audit",
+            "a",
+        ],
+        dir.path(),
+    );
+    assert_code(&sub, 0);
+    assert!(dir.path().join("sub.db").exists());
+    assert!(dir.path().join("a").is_dir());
+    let bad = agentbus(&["sub", "x", "--metrics", "not-an-address"], dir.path());
+    assert_code(&bad, 2);
+
+    // Learning for 50 ms: the status reports every agent sends at the end of the demo
+    // are a kind (and a peer) none of them sent before.
+    let run = agentbus(
+        &["demo", "vehicle", "--vehicles", "2", "--ueba-learn", "50ms"],
+        dir.path(),
+    );
+    assert_code(&run, 0);
+    let stderr = text(&run.stderr);
+    assert!(
+        stderr.contains("anomalies published on _sys.security.anomaly"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("detector=new_kind") || stderr.contains("new_kind"),
+        "{stderr}"
+    );
+}

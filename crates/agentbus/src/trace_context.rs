@@ -39,24 +39,22 @@ impl fmt::Debug for TraceParent {
 
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
-            self.flags
-        )
+        f.write_str(&self.encode())
     }
 }
 
 fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
+    push_hex(&mut out, bytes);
+    out
+}
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
         out.push(DIGITS[usize::from(b >> 4)] as char);
         out.push(DIGITS[usize::from(b & 0xf)] as char);
     }
-    out
 }
 
 fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
@@ -78,8 +76,9 @@ fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
 fn random_nonzero<const N: usize>() -> [u8; N] {
     loop {
         let mut out = [0u8; N];
-        for b in &mut out {
-            *b = fastrand::u8(..);
+        for chunk in out.chunks_mut(8) {
+            let bytes = fastrand::u64(..).to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
         }
         if out.iter().any(|b| *b != 0) {
             return out;
@@ -127,6 +126,18 @@ impl TraceParent {
         })
     }
 
+    /// The `traceparent` text, `00-<trace id>-<span id>-<flags>` (55 bytes).
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        push_hex(&mut out, &self.trace_id);
+        out.push('-');
+        push_hex(&mut out, &self.span_id);
+        out.push('-');
+        push_hex(&mut out, &[self.flags]);
+        out
+    }
+
     /// The trace id as 32 hex digits.
     pub fn trace_id_hex(&self) -> String {
         hex(&self.trace_id)
@@ -145,11 +156,11 @@ pub fn stamp(header: &mut Header) {
             header
                 .headers
                 .insert(PARENT_SPAN_HEADER.to_string(), parent.span_id_hex());
-            header.trace = Some(parent.child().to_string());
+            header.trace = Some(parent.child().encode());
         }
         None => {
             header.headers.remove(PARENT_SPAN_HEADER);
-            header.trace = Some(TraceParent::new_root().to_string());
+            header.trace = Some(TraceParent::new_root().encode());
         }
     }
 }

@@ -15,6 +15,7 @@ use agentbus::{Bus, MetricsObserver, Transport};
 use agentbus_observe::audit::{AuditConfig, AuditSink};
 use agentbus_observe::otlp::{OtlpConfig, OtlpExporter};
 use agentbus_observe::store::{Interaction, InteractionStore, Query, TimelineStep, WorkflowStatus};
+use agentbus_observe::ueba::{UebaConfig, UebaDetector};
 use agentbus_observe::{EngineGauges, PrometheusEndpoint};
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -46,6 +47,10 @@ pub(crate) struct ObserveArgs {
     /// http://127.0.0.1:4318.
     #[arg(long, value_name = "URL")]
     pub(crate) otlp: Option<String>,
+    /// Learn each agent's baseline (kinds, peers, rate) for D from its first message,
+    /// then publish deviations on _sys.security.anomaly (and count them in metrics).
+    #[arg(long, value_name = "D", value_parser = super::parse_positive_duration)]
+    pub(crate) ueba_learn: Option<Duration>,
 }
 
 /// What [`ObserveArgs::bus`] started; [`Observing::finish`] flushes and holds it.
@@ -57,6 +62,7 @@ pub(crate) struct Observing {
     store: Option<Arc<InteractionStore>>,
     audit: Option<Arc<AuditSink>>,
     otlp: Option<Arc<OtlpExporter>>,
+    ueba: Option<(Arc<UebaDetector>, tokio::task::JoinHandle<()>)>,
     hold: Option<Duration>,
 }
 
@@ -104,7 +110,23 @@ impl ObserveArgs {
             builder = builder.observer(exporter.clone());
             observing.otlp = Some(exporter);
         }
-        Ok((builder.build(), observing))
+        let detector = self.ueba_learn.map(|learn_for| {
+            UebaDetector::new(UebaConfig {
+                learn_for,
+                bucket: (learn_for / 6).clamp(Duration::from_millis(100), Duration::from_secs(10)),
+                ..UebaConfig::default()
+            })
+        });
+        if let Some(detector) = &detector {
+            builder = builder.observer(detector.clone());
+        }
+        let bus = builder.build();
+        if let Some(detector) = detector {
+            if let Some(task) = detector.start_publisher(&bus) {
+                observing.ueba = Some((detector, task));
+            }
+        }
+        Ok((bus, observing))
     }
 }
 
@@ -140,6 +162,16 @@ impl Observing {
                     stats.dropped
                 );
             }
+        }
+        if let Some((detector, task)) = &self.ueba {
+            let (detected, dropped) = detector.counts();
+            if detected > 0 {
+                eprintln!(
+                    "UEBA: {detected} anomalies published on {} ({dropped} not published: the publisher was behind)",
+                    agentbus_observe::ueba::ANOMALY_CHANNEL
+                );
+            }
+            task.abort();
         }
         if let Some(otlp) = &self.otlp {
             if let Err(e) = otlp.flush().await {
