@@ -24,7 +24,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::commands::{
-    bench, coordination, dlq, doctor, publish, repair, request, stats, subscribe,
+    bench, coordination, dlq, doctor, observe, publish, repair, request, subscribe,
 };
 
 /// The kind `pub` and `req` give a message when `--kind` is not set.
@@ -88,10 +88,16 @@ enum Command {
     /// List, inspect, replay or purge dead letters.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
-    /// Show channels, groups and dead-letter counts of the backend.
-    Stats,
     /// Read the backend's settings and say what a publish receipt guarantees there.
     Doctor,
+    /// Show channels, groups and dead-letter counts of the backend; with --store, the
+    /// message log and a workflow's status too.
+    Stats(observe::StatsArgs),
+    /// Print a thread's timeline (who sent what to whom, latencies) from the
+    /// interaction store.
+    Trace(observe::TraceArgs),
+    /// List recorded messages from the interaction store (by agent, kind, thread, time).
+    Log(observe::LogArgs),
     /// Run a demo of one of the seed systems end to end on the embedded engine.
     Demo(DemoArgs),
     /// Measure throughput and p50/p99/p999 latency of the backend.
@@ -234,8 +240,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sub(args) => subscribe::run(&global, args).await,
         Command::Req(args) => request::run(&global, args).await,
         Command::Dlq(command) => dlq::run(&global, command).await,
-        Command::Stats => stats::run(&global).await,
         Command::Doctor => doctor::run(&global).await,
+        Command::Stats(args) => observe::run_stats(&global, args).await,
+        Command::Trace(args) => observe::run_trace(&global, args).await,
+        Command::Log(args) => observe::run_log(&global, args).await,
         Command::Demo(args) => demo::run_demo(&args.name, &args.args, &global).await,
         Command::Bench(args) => bench::run(&global, args).await,
         Command::Repair(args) => repair::run(&global, args).await,

@@ -648,6 +648,7 @@ impl AgentBuilder {
                 in_flight.clone(),
             ));
         }
+        metrics::gauge!("agentbus_agent_up", "agent" => descriptor.id.clone()).set(1.0);
         Ok(Agent {
             descriptor,
             stop: stop_tx,
@@ -733,6 +734,7 @@ impl Agent {
     /// cancels the rest (their messages are redelivered to the group).
     pub async fn shutdown(mut self, timeout: Duration) -> ShutdownReport {
         let _ = self.stop.send(true);
+        metrics::gauge!("agentbus_agent_up", "agent" => self.descriptor.id.clone()).set(0.0);
         let at_stop = self.in_flight.load(Ordering::Acquire);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -826,7 +828,23 @@ async fn receive_loop(
 
 async fn run_handler(route: &Route, ctx: Context, delivery: Delivery) {
     let envelope = delivery.envelope();
-    let work = AssertUnwindSafe((route.handler)(ctx, envelope)).catch_unwind();
+    let agent = ctx.agent().id.clone();
+    // The handling continues the message's trace: its span carries the traceparent,
+    // whose span id is the publish span of the message (see `trace_context`).
+    let span = tracing::info_span!(
+        "agentbus.handle",
+        agent = %agent,
+        channel = %envelope.channel,
+        kind = %envelope.header.kind,
+        correlation_id = envelope.header.correlation_id.as_deref(),
+        message_id = %envelope.header.id,
+        attempt = envelope.header.attempt,
+        traceparent = envelope.header.trace.as_deref(),
+    );
+    let work = tracing::Instrument::instrument(
+        AssertUnwindSafe((route.handler)(ctx, envelope)).catch_unwind(),
+        span,
+    );
     let outcome = match route.options.timeout {
         Some(limit) => match tokio::time::timeout(limit, work).await {
             Ok(result) => result,
@@ -865,6 +883,7 @@ async fn run_handler(route: &Route, ctx: Context, delivery: Delivery) {
             format!("handler panicked: {text}")
         }
     };
+    metrics::counter!("agentbus_handler_failures_total", "agent" => agent).increment(1);
     let delay = route.options.backoff.delay(delivery.attempt());
     tracing::debug!(attempt = delivery.attempt(), ?delay, error = %failure, "handler failed; nacking");
     if let Err(e) = delivery.nack(delay, Some(failure)).await {

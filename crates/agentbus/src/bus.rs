@@ -277,9 +277,17 @@ pub struct BusBuilder {
     clock: Option<SharedClock>,
     strict_kinds: bool,
     registry: KindRegistry,
+    observers: Vec<Arc<dyn crate::observe::BusObserver>>,
 }
 
 impl BusBuilder {
+    /// Adds an observer that sees every message published, delivered and settled
+    /// through this bus (see [`crate::observe`]).
+    pub fn observer(mut self, observer: Arc<dyn crate::observe::BusObserver>) -> Self {
+        self.observers.push(observer);
+        self
+    }
+
     /// Reads time (timestamps, ttl, request timeouts) from `clock`; pass the engine's
     /// clock when it is manual.
     pub fn clock(mut self, clock: SharedClock) -> Self {
@@ -302,13 +310,23 @@ impl BusBuilder {
     /// Builds the bus.
     pub fn build(self) -> Bus {
         let id = uuid::Uuid::now_v7().simple().to_string();
+        let clock = self
+            .clock
+            .unwrap_or_else(|| Arc::new(crate::clock::SystemClock));
+        let transport: Arc<dyn Transport> = if self.observers.is_empty() {
+            self.transport
+        } else {
+            Arc::new(crate::observe::ObservedTransport::new(
+                self.transport,
+                self.observers,
+                clock.clone(),
+            ))
+        };
         Bus {
             inner: Arc::new(BusInner {
-                transport: self.transport,
+                transport,
                 registry: self.registry,
-                clock: self
-                    .clock
-                    .unwrap_or_else(|| Arc::new(crate::clock::SystemClock)),
+                clock,
                 id,
                 strict_kinds: self.strict_kinds,
                 waiters: Arc::default(),
@@ -338,6 +356,7 @@ impl Bus {
             clock: None,
             strict_kinds: false,
             registry: KindRegistry::new(),
+            observers: Vec::new(),
         }
     }
 
@@ -409,11 +428,23 @@ impl Bus {
     /// [`ErrorKind::Schema`] if the payload does not decode for its registered kind;
     /// [`ErrorKind::MessageKindNotRegistered`] for an unknown kind on a strict bus; any
     /// transport error (`InvalidInput`, `Full`, `Backend`…).
-    pub async fn publish_envelope(&self, envelope: Envelope) -> Result<PublishReceipt> {
+    ///
+    /// The header's W3C `traceparent` is stamped on the way: a new trace, or a new span
+    /// of the trace it carries (see [`crate::trace_context`]).
+    pub async fn publish_envelope(&self, mut envelope: Envelope) -> Result<PublishReceipt> {
         self.inner
             .registry
             .validate(&envelope, self.inner.strict_kinds)?;
-        self.inner.transport.publish(envelope).await
+        crate::trace_context::stamp(&mut envelope.header);
+        let span = tracing::debug_span!(
+            "agentbus.publish",
+            channel = %envelope.channel,
+            kind = %envelope.header.kind,
+            correlation_id = envelope.header.correlation_id.as_deref(),
+            message_id = %envelope.header.id,
+            traceparent = envelope.header.trace.as_deref(),
+        );
+        tracing::Instrument::instrument(self.inner.transport.publish(envelope), span).await
     }
 
     /// Subscribes; see [`SubscribeOptions`].
@@ -568,6 +599,8 @@ impl Bus {
             receiver: request.header.sender.clone(),
             sender: sender.map(str::to_string),
             priority: Some(request.header.priority),
+            tenant: request.header.tenant.clone(),
+            trace: request.header.trace.clone(),
             ..PublishOptions::default()
         };
         self.envelope(&reply_to, reply, &options)
@@ -761,10 +794,11 @@ impl Subscription {
             .buffer
             .pop_front()
             .ok_or_else(|| Error::new(ErrorKind::Internal, "the engine returned an empty batch"))?;
-        if let Err(error) = self
-            .registry
-            .validate(delivery.envelope(), self.strict_kinds)
-        {
+        let checked = deliver_span(&delivery, self.consumer.group()).in_scope(|| {
+            self.registry
+                .validate(delivery.envelope(), self.strict_kinds)
+        });
+        if let Err(error) = checked {
             delivery
                 .reject(DeadReason::Schema, error.to_string())
                 .await?;
@@ -809,6 +843,21 @@ impl Subscription {
     pub fn group(&self) -> &str {
         self.consumer.group()
     }
+}
+
+/// The span of one delivery (covering its schema check).
+fn deliver_span(delivery: &Delivery, group: &str) -> tracing::Span {
+    let envelope = delivery.envelope();
+    tracing::debug_span!(
+        "agentbus.deliver",
+        channel = %envelope.channel,
+        kind = %envelope.header.kind,
+        correlation_id = envelope.header.correlation_id.as_deref(),
+        message_id = %envelope.header.id,
+        attempt = envelope.header.attempt,
+        group,
+        traceparent = envelope.header.trace.as_deref(),
+    )
 }
 
 /// A delivery with its decoded payload.

@@ -16,6 +16,8 @@ pub mod envelope;
 pub mod error;
 pub mod memory;
 pub mod message;
+pub mod observe;
+pub mod trace_context;
 pub mod transport;
 
 /// The memory engine's delivery state machine, for engines that reuse it (the
@@ -39,6 +41,7 @@ pub use envelope::{DeadReason, Envelope, Header, MessageId, Priority, CONTENT_TY
 pub use error::{Error, ErrorKind, Result};
 pub use memory::{MemoryEngine, MemoryEngineBuilder};
 pub use message::{KindRegistry, Message};
+pub use observe::{BusEvent, BusObserver, MetricsObserver, ObservedTransport};
 pub use transport::{
     ack_all, Capabilities, ChannelConfig, ChannelStats, Consumer, DeadLetter, DeadLetterFilter,
     Delivery, DeliveryHandle, Discard, DurabilityReport, EngineStats, GroupStats, PublishLimits,

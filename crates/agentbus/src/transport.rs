@@ -376,6 +376,32 @@ impl Delivery {
         &self.envelope
     }
 
+    /// The engine's settler (for the observing layer in `observe.rs`).
+    pub(crate) fn engine_settler(&self) -> &Arc<dyn Settler> {
+        &self.settler
+    }
+
+    /// The settlement token (for the observing layer).
+    pub(crate) fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// The shared envelope (for the observing layer).
+    pub(crate) fn shared_envelope(&self) -> &Arc<Envelope> {
+        &self.envelope
+    }
+
+    /// The shared group name (for the observing layer).
+    pub(crate) fn shared_group(&self) -> &Arc<str> {
+        &self.group
+    }
+
+    /// The same unsettled delivery, settled through `settler` instead (the observing
+    /// layer wraps the engine's settler this way).
+    pub(crate) fn with_settler(self, settler: Arc<dyn Settler>) -> Delivery {
+        Delivery { settler, ..self }
+    }
+
     /// Takes the message out (the delivery can still be settled).
     pub fn into_parts(self) -> (Envelope, DeliveryHandle) {
         let handle = DeliveryHandle {

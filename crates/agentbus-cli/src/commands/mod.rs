@@ -8,6 +8,7 @@ pub(crate) mod bench;
 pub(crate) mod coordination;
 pub(crate) mod dlq;
 pub(crate) mod doctor;
+pub(crate) mod observe;
 pub(crate) mod publish;
 pub(crate) mod repair;
 pub(crate) mod request;

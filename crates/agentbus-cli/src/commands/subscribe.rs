@@ -72,6 +72,10 @@ pub(crate) struct SubArgs {
     /// existing group keeps its position.
     #[arg(long, value_name = "FROM", default_value = "new", value_parser = parse_start)]
     pub(crate) from: StartPosition,
+
+    /// Metrics endpoint, interaction store, audit files and OTLP export.
+    #[command(flatten)]
+    pub(crate) observe: super::observe::ObserveArgs,
 }
 
 /// Parses `--from`.
@@ -167,7 +171,10 @@ async fn settle(delivery: &Delivery, how: Settle) -> agentbus::Result<()> {
 
 /// Runs `agentbus sub`.
 pub(crate) async fn run(global: &Global, args: SubArgs) -> anyhow::Result<()> {
-    let bus = Bus::new(backend::open(&global.backend).await?);
+    let (bus, observing) = args
+        .observe
+        .bus(backend::open(&global.backend).await?)
+        .await?;
     let json = global.json;
     if !json && std::io::stderr().is_terminal() {
         // A hint for people only; a failed write to stderr is not worth an error.
@@ -188,11 +195,13 @@ pub(crate) async fn run(global: &Global, args: SubArgs) -> anyhow::Result<()> {
             output::line(output::envelope_line(envelope))
         }
     };
-    tokio::select! {
+    let result = tokio::select! {
         result = consume(&bus, &args, emit) => result.map(drop),
         // Dropping the subscription hands unsettled messages back to the group.
         () = interrupted() => Ok(()),
-    }
+    };
+    observing.finish().await;
+    result
 }
 
 /// Resolves on Ctrl-C; never, if the signal handler cannot be installed.

@@ -1,11 +1,11 @@
 //! `agentbus demo <NAME> [ARGS]...`: the seed systems, end to end, on the embedded
 //! engine.
 //!
-//! Each demo lives in its own module here (`vehicle.rs`, later `etl.rs`,
-//! `context.rs`) and is added to [`DEMOS`] and to the match in [`run_demo`]. A demo
+//! Each demo lives in its own module here (`vehicle/`, `etl/`, `context/`) and is added to [`DEMOS`] and to the match in [`run_demo`]. A demo
 //! parses its own `args` (everything after the name, flags included) and may read the
 //! global `--backend` / `--json` from `global`.
 
+mod context;
 mod etl;
 mod vehicle;
 
@@ -21,6 +21,10 @@ pub(crate) const DEMOS: &[(&str, &str)] = &[
     (
         "etl",
         "seed 003: extract → parallel transforms → validate → load as DAG workflows, with a failing agent",
+    ),
+    (
+        "context",
+        "seed 004: peers answer a context request from their interaction stores within a timeout",
     ),
 ];
 
@@ -38,6 +42,7 @@ pub(crate) async fn run_demo(name: &str, args: &[String], global: &Global) -> an
     match name {
         "vehicle" => vehicle::run_cli(&args, &global).await,
         "etl" => etl::run_cli(&args, &global).await,
+        "context" => context::run_cli(&args, &global).await,
         _ => Err(unknown_demo(name).into()),
     }
 }

@@ -44,6 +44,9 @@ struct VehicleArgs {
     /// How long the orchestrator waits for a scheduling result before escalating.
     #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
     scheduling_timeout: Duration,
+    /// Metrics endpoint, interaction store and audit files.
+    #[command(flatten)]
+    observe: crate::commands::observe::ObserveArgs,
 }
 
 /// Parses the demo's own arguments, runs it on the global backend and prints the
@@ -74,7 +77,7 @@ pub(crate) async fn run_cli(args: &[String], global: &crate::Global) -> anyhow::
         return Err(crate::CliError::usage("--vehicles must be at least 1").into());
     }
     let transport = crate::backend::open(&global.backend).await?;
-    let bus = Bus::new(transport);
+    let (bus, observing) = parsed.observe.bus(transport).await?;
     let options = VehicleDemoOptions {
         vehicles: parsed.vehicles,
         seed: parsed.seed,
@@ -82,11 +85,13 @@ pub(crate) async fn run_cli(args: &[String], global: &crate::Global) -> anyhow::
         ..VehicleDemoOptions::default()
     };
     let report = run(bus, &options).await?;
-    if global.json {
+    let printed = if global.json {
         crate::output::json_line(&report)
     } else {
         crate::output::line(render(&report).trim_end())
-    }
+    };
+    observing.finish().await;
+    printed
 }
 
 /// Settings of one demo run.

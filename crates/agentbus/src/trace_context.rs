@@ -1,0 +1,224 @@
+//! W3C trace context (`traceparent`) on envelopes, so one trace follows a request
+//! through several agents on any engine (the header travels with the message).
+//!
+//! Every publish through the [`Bus`](crate::Bus) stamps the header:
+//!
+//! - no (valid) `trace` yet: a new trace starts, `00-<trace-id>-<span-id>-01`;
+//! - a `trace` already there (set by the caller, or copied by the agent runtime from
+//!   the message being handled, or by a reply from its request): the trace id is kept,
+//!   a new span id stands for this publish, and the previous span id is kept in the
+//!   free header [`PARENT_SPAN_HEADER`], so exporters can link the hop to its parent.
+//!
+//! The span id in a message's `traceparent` is the id of its publish span; the
+//! handling of the message is a child of it. A malformed `trace` is replaced by a new
+//! root (and the bad value dropped), as the W3C spec asks of a receiver.
+
+use std::fmt;
+
+use crate::envelope::Header;
+
+/// The free header that keeps the span id of the previous hop.
+pub const PARENT_SPAN_HEADER: &str = "trace.parent_span_id";
+
+/// A parsed `traceparent` (version 00).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceParent {
+    /// The trace id: 16 bytes, not all zero.
+    pub trace_id: [u8; 16],
+    /// The span id: 8 bytes, not all zero.
+    pub span_id: [u8; 8],
+    /// Trace flags (bit 0: sampled).
+    pub flags: u8,
+}
+
+impl fmt::Debug for TraceParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TraceParent({self})")
+    }
+}
+
+impl fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.encode())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    push_hex(&mut out, bytes);
+    out
+}
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+}
+
+fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    if text.len() != N * 2 {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, pair) in text.as_bytes().chunks(2).enumerate() {
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
+}
+
+fn random_nonzero<const N: usize>() -> [u8; N] {
+    loop {
+        let mut out = [0u8; N];
+        for chunk in out.chunks_mut(8) {
+            let bytes = fastrand::u64(..).to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+        if out.iter().any(|b| *b != 0) {
+            return out;
+        }
+    }
+}
+
+impl TraceParent {
+    /// A new sampled trace with a new span.
+    pub fn new_root() -> Self {
+        TraceParent {
+            trace_id: random_nonzero(),
+            span_id: random_nonzero(),
+            flags: 1,
+        }
+    }
+
+    /// The same trace, a new span.
+    pub fn child(&self) -> Self {
+        TraceParent {
+            span_id: random_nonzero(),
+            ..*self
+        }
+    }
+
+    /// Parses `00-<32 hex>-<16 hex>-<2 hex>` (lowercase). Other versions are accepted
+    /// when their first four fields have this form, as the spec asks.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.trim().split('-');
+        let version = parts.next()?;
+        let trace_id = unhex::<16>(parts.next()?)?;
+        let span_id = unhex::<8>(parts.next()?)?;
+        let flags = unhex::<1>(parts.next()?)?[0];
+        let version = unhex::<1>(version)?[0];
+        if version == 0xff || (version == 0 && parts.next().is_some()) {
+            return None;
+        }
+        if trace_id.iter().all(|b| *b == 0) || span_id.iter().all(|b| *b == 0) {
+            return None;
+        }
+        Some(TraceParent {
+            trace_id,
+            span_id,
+            flags,
+        })
+    }
+
+    /// The `traceparent` text, `00-<trace id>-<span id>-<flags>` (55 bytes).
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        push_hex(&mut out, &self.trace_id);
+        out.push('-');
+        push_hex(&mut out, &self.span_id);
+        out.push('-');
+        push_hex(&mut out, &[self.flags]);
+        out
+    }
+
+    /// The trace id as 32 hex digits.
+    pub fn trace_id_hex(&self) -> String {
+        hex(&self.trace_id)
+    }
+
+    /// The span id as 16 hex digits.
+    pub fn span_id_hex(&self) -> String {
+        hex(&self.span_id)
+    }
+}
+
+/// Stamps `header` for a publish: a new root, or a child of the trace it carries.
+pub fn stamp(header: &mut Header) {
+    match header.trace.as_deref().and_then(TraceParent::parse) {
+        Some(parent) => {
+            header
+                .headers
+                .insert(PARENT_SPAN_HEADER.to_string(), parent.span_id_hex());
+            header.trace = Some(parent.child().encode());
+        }
+        None => {
+            header.headers.remove(PARENT_SPAN_HEADER);
+            header.trace = Some(TraceParent::new_root().encode());
+        }
+    }
+}
+
+/// The trace id of `header`'s `traceparent`, if it has a valid one.
+pub fn trace_id(header: &Header) -> Option<String> {
+    header
+        .trace
+        .as_deref()
+        .and_then(TraceParent::parse)
+        .map(|t| t.trace_id_hex())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_formats_the_spec_example() {
+        let text = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let parsed = TraceParent::parse(text).unwrap();
+        assert_eq!(parsed.to_string(), text);
+        assert_eq!(parsed.trace_id_hex(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(parsed.flags, 1);
+        for bad in [
+            "",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+            "zz-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad}");
+        }
+        // A later version with more fields is read for its first four.
+        assert!(
+            TraceParent::parse("01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn stamping_starts_a_trace_or_continues_it() {
+        let mut header = Header::new("k");
+        stamp(&mut header);
+        let root = TraceParent::parse(header.trace.as_deref().unwrap()).unwrap();
+        assert!(!header.headers.contains_key(PARENT_SPAN_HEADER));
+        stamp(&mut header);
+        let child = TraceParent::parse(header.trace.as_deref().unwrap()).unwrap();
+        assert_eq!(child.trace_id, root.trace_id);
+        assert_ne!(child.span_id, root.span_id);
+        assert_eq!(header.headers[PARENT_SPAN_HEADER], root.span_id_hex());
+        header.trace = Some("garbage".into());
+        stamp(&mut header);
+        let fresh = TraceParent::parse(header.trace.as_deref().unwrap()).unwrap();
+        assert_ne!(fresh.trace_id, root.trace_id);
+        assert!(!header.headers.contains_key(PARENT_SPAN_HEADER));
+    }
+}
