@@ -330,7 +330,10 @@ struct StatsAcc {
 
 #[derive(Debug, Default)]
 struct SupState {
+    /// Unfinished tasks: the only ones the timers and events scan.
     tasks: HashMap<String, TaskState>,
+    /// Finished tasks kept for queries, and their order for forgetting.
+    done: HashMap<String, TaskRecord>,
     finished: VecDeque<String>,
     breakers: HashMap<String, CircuitBreaker>,
     stats: HashMap<String, StatsAcc>,
@@ -591,7 +594,7 @@ impl Supervisor {
         let mut outbox = Outbox::new();
         let handle = {
             let mut state = inner.state.lock();
-            if state.tasks.contains_key(&id) {
+            if state.tasks.contains_key(&id) || state.done.contains_key(&id) {
                 return Err(Error::new(
                     ErrorKind::InvalidInput,
                     format!("task id '{id}' is already in use; leave the id empty for a fresh one"),
@@ -690,24 +693,24 @@ impl Supervisor {
 
     /// One task.
     pub fn task(&self, id: &str) -> Option<TaskRecord> {
-        self.inner
-            .state
-            .lock()
+        let state = self.inner.state.lock();
+        state
             .tasks
             .get(id)
             .map(|t| t.record.clone())
+            .or_else(|| state.done.get(id).cloned())
     }
 
     /// Every task kept (running and recently finished), oldest first.
     pub fn tasks(&self) -> Vec<TaskRecord> {
-        let mut tasks: Vec<TaskRecord> = self
-            .inner
-            .state
-            .lock()
+        let state = self.inner.state.lock();
+        let mut tasks: Vec<TaskRecord> = state
             .tasks
             .values()
             .map(|t| t.record.clone())
+            .chain(state.done.values().cloned())
             .collect();
+        drop(state);
         tasks.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         tasks
     }
@@ -1062,10 +1065,13 @@ impl SupInner {
             };
             task.done.send_replace(Some(outcome));
         }
+        if let Some(task) = state.tasks.remove(task_id) {
+            state.done.insert(task_id.to_string(), task.record);
+        }
         state.finished.push_back(task_id.to_string());
         while state.finished.len() > self.options.keep_finished {
             if let Some(old) = state.finished.pop_front() {
-                state.tasks.remove(&old);
+                state.done.remove(&old);
             }
         }
     }
