@@ -678,3 +678,47 @@ async fn an_assignment_that_cannot_be_sent_fails_the_task_at_once() {
     );
     sup.shutdown();
 }
+
+#[tokio::test]
+async fn workers_hear_coordination_broadcasts() {
+    let bus = Bus::memory();
+    let sup = supervisor(&bus, SupervisorOptions::default()).await;
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for id in ["listener-1", "listener-2"] {
+        let heard = heard.clone();
+        let me = id.to_string();
+        workers.push(
+            Worker::builder(AgentDescriptor::new(id, "l").capability("listen"))
+                .heartbeat(Duration::from_secs(1))
+                .handle(|_| async { Ok(json!(null)) })
+                .on_coordination(move |m| heard.lock().push((me.clone(), m.topic)))
+                .spawn(&bus)
+                .await
+                .unwrap(),
+        );
+    }
+    for topic in ["pause", "resume"] {
+        sup.broadcast(&CoordinationMessage {
+            topic: topic.into(),
+            body: json!({}),
+            labels: BTreeMap::new(),
+        })
+        .await
+        .unwrap();
+    }
+    eventually("both workers heard both", || heard.lock().len() == 4).await;
+    let heard = heard.lock().clone();
+    for id in ["listener-1", "listener-2"] {
+        let topics: Vec<&str> = heard
+            .iter()
+            .filter(|(who, _)| who == id)
+            .map(|(_, t)| t.as_str())
+            .collect();
+        assert_eq!(topics, ["pause", "resume"], "in order, for {id}");
+    }
+    for worker in workers {
+        worker.stop(Duration::from_secs(1)).await;
+    }
+    sup.shutdown();
+}
