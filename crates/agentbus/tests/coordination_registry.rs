@@ -248,3 +248,24 @@ async fn zero_heartbeat_interval_is_refused() {
     .unwrap_err();
     assert_eq!(error.kind(), agentbus::ErrorKind::InvalidInput);
 }
+
+#[tokio::test]
+async fn an_agent_reporting_degraded_is_degraded_but_still_available() {
+    let bus = Bus::memory();
+    let registry = AgentRegistry::start(&bus, RegistryOptions::default())
+        .await
+        .unwrap();
+    let presence = Presence::start_with_health(
+        &bus,
+        AgentDescriptor::new("tired", "t").capability("work"),
+        Duration::from_secs(30),
+        AgentLoad::default,
+        || agentbus::coordination::ReportedHealth::Degraded,
+    )
+    .await
+    .unwrap();
+    within("seen", registry.wait_for(|a| a.len() == 1)).await;
+    assert_eq!(registry.agent("tired").unwrap().health, Health::Degraded);
+    assert_eq!(registry.find("work").len(), 1);
+    presence.stop().await;
+}

@@ -652,3 +652,73 @@ async fn a_task_can_wait_for_an_agent_and_escalates_if_none_comes() {
     assert_eq!(outcome.attempts, 0);
     sup.shutdown();
 }
+
+#[tokio::test]
+async fn an_assignment_that_cannot_be_sent_fails_the_task_at_once() {
+    let bus = Bus::memory();
+    let sup = supervisor(&bus, SupervisorOptions::default()).await;
+    let _w = echo_worker(&bus, "e", "echo", Duration::from_secs(1)).await;
+    within("agent", sup.registry().wait_for(|a| a.len() == 1)).await;
+    // Over the engine's 1 MiB payload limit: no retry can help.
+    let huge = "x".repeat(2 * 1024 * 1024);
+    let outcome = within(
+        "failed at once, not after the 30 s timeout",
+        sup.submit(TaskSpec::capability("echo").input(json!(huge)).retries(3))
+            .await
+            .unwrap()
+            .wait(),
+    )
+    .await;
+    assert_eq!(outcome.status, TaskStatus::Failed);
+    assert_eq!(outcome.attempts, 1);
+    let error = outcome.error.unwrap();
+    assert!(
+        error.contains("could not be sent") && error.contains("over the limit"),
+        "{error}"
+    );
+    sup.shutdown();
+}
+
+#[tokio::test]
+async fn workers_hear_coordination_broadcasts() {
+    let bus = Bus::memory();
+    let sup = supervisor(&bus, SupervisorOptions::default()).await;
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for id in ["listener-1", "listener-2"] {
+        let heard = heard.clone();
+        let me = id.to_string();
+        workers.push(
+            Worker::builder(AgentDescriptor::new(id, "l").capability("listen"))
+                .heartbeat(Duration::from_secs(1))
+                .handle(|_| async { Ok(json!(null)) })
+                .on_coordination(move |m| heard.lock().push((me.clone(), m.topic)))
+                .spawn(&bus)
+                .await
+                .unwrap(),
+        );
+    }
+    for topic in ["pause", "resume"] {
+        sup.broadcast(&CoordinationMessage {
+            topic: topic.into(),
+            body: json!({}),
+            labels: BTreeMap::new(),
+        })
+        .await
+        .unwrap();
+    }
+    eventually("both workers heard both", || heard.lock().len() == 4).await;
+    let heard = heard.lock().clone();
+    for id in ["listener-1", "listener-2"] {
+        let topics: Vec<&str> = heard
+            .iter()
+            .filter(|(who, _)| who == id)
+            .map(|(_, t)| t.as_str())
+            .collect();
+        assert_eq!(topics, ["pause", "resume"], "in order, for {id}");
+    }
+    for worker in workers {
+        worker.stop(Duration::from_secs(1)).await;
+    }
+    sup.shutdown();
+}

@@ -706,3 +706,25 @@ async fn a_failed_compensation_is_recorded_and_the_others_still_run() {
         .contains(&"undo:reserve-flight:reserve-flight-ref".to_string()));
     sup.shutdown();
 }
+
+/// Soak: many more random 1,000-step DAGs than the proptest runs. Run by hand:
+/// `cargo test --release -p agentbus --test coordination_workflow -- --ignored soak`.
+#[test]
+#[ignore = "soak: run by hand"]
+fn soak_random_thousand_step_dags() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let seeds: u64 = std::env::var("SOAK_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    for seed in 0..seeds {
+        runtime.block_on(run_random_dag(
+            1000,
+            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        ));
+    }
+}

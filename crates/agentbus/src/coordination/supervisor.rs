@@ -34,6 +34,7 @@ use crate::bus::{Bus, PublishOptions, Subscription};
 use crate::channel::{ChannelName, ChannelPattern};
 use crate::envelope::{later, DeadReason, Envelope};
 use crate::error::{Error, ErrorKind, Result};
+use crate::message::Message;
 use crate::transport::{ChannelConfig, Discard, PublishReceipt, SubscribeOptions};
 
 /// Who should do a task.
@@ -329,7 +330,10 @@ struct StatsAcc {
 
 #[derive(Debug, Default)]
 struct SupState {
+    /// Unfinished tasks: the only ones the timers and events scan.
     tasks: HashMap<String, TaskState>,
+    /// Finished tasks kept for queries, and their order for forgetting.
+    done: HashMap<String, TaskRecord>,
     finished: VecDeque<String>,
     breakers: HashMap<String, CircuitBreaker>,
     stats: HashMap<String, StatsAcc>,
@@ -431,6 +435,11 @@ impl TaskHandle {
 
 /// Publishes to do after the state lock is released.
 type Outbox = Vec<Envelope>;
+
+/// Header of an assignment envelope: its attempt number.
+const HEADER_ATTEMPT: &str = "agentbus-task-attempt";
+/// Header of an assignment envelope: the agent it goes to.
+const HEADER_AGENT: &str = "agentbus-task-agent";
 
 fn channel(name: &str) -> ChannelName {
     // The constants are valid names; a failure here is a bug caught by the tests.
@@ -585,7 +594,7 @@ impl Supervisor {
         let mut outbox = Outbox::new();
         let handle = {
             let mut state = inner.state.lock();
-            if state.tasks.contains_key(&id) {
+            if state.tasks.contains_key(&id) || state.done.contains_key(&id) {
                 return Err(Error::new(
                     ErrorKind::InvalidInput,
                     format!("task id '{id}' is already in use; leave the id empty for a fresh one"),
@@ -684,24 +693,24 @@ impl Supervisor {
 
     /// One task.
     pub fn task(&self, id: &str) -> Option<TaskRecord> {
-        self.inner
-            .state
-            .lock()
+        let state = self.inner.state.lock();
+        state
             .tasks
             .get(id)
             .map(|t| t.record.clone())
+            .or_else(|| state.done.get(id).cloned())
     }
 
     /// Every task kept (running and recently finished), oldest first.
     pub fn tasks(&self) -> Vec<TaskRecord> {
-        let mut tasks: Vec<TaskRecord> = self
-            .inner
-            .state
-            .lock()
+        let state = self.inner.state.lock();
+        let mut tasks: Vec<TaskRecord> = state
             .tasks
             .values()
             .map(|t| t.record.clone())
+            .chain(state.done.values().cloned())
             .collect();
+        drop(state);
         tasks.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         tasks
     }
@@ -985,7 +994,9 @@ impl SupInner {
                 &assignment,
                 &PublishOptions::new()
                     .sender(self.id.clone())
-                    .correlation(task_id.to_string()),
+                    .correlation(task_id.to_string())
+                    .header(HEADER_ATTEMPT, number.to_string())
+                    .header(HEADER_AGENT, agent.clone()),
             )
         }) {
             Ok(envelope) => outbox.push(envelope),
@@ -1054,10 +1065,13 @@ impl SupInner {
             };
             task.done.send_replace(Some(outcome));
         }
+        if let Some(task) = state.tasks.remove(task_id) {
+            state.done.insert(task_id.to_string(), task.record);
+        }
         state.finished.push_back(task_id.to_string());
         while state.finished.len() > self.options.keep_finished {
             if let Some(old) = state.finished.pop_front() {
-                state.tasks.remove(&old);
+                state.done.remove(&old);
             }
         }
     }
@@ -1192,146 +1206,179 @@ impl SupInner {
         );
     }
 
-    async fn flush(&self, outbox: Outbox) {
-        for envelope in outbox {
-            let channel = envelope.channel.clone();
-            if let Err(e) = self.bus.publish_envelope(envelope).await {
-                tracing::warn!(error = %e, %channel, "supervisor publish failed");
+    async fn flush(&self, mut outbox: Outbox) {
+        loop {
+            let mut undeliverable = Vec::new();
+            for envelope in outbox.drain(..) {
+                let channel = envelope.channel.clone();
+                let assignment = (envelope.header.kind == TaskAssignment::KIND)
+                    .then(|| {
+                        let headers = &envelope.header.headers;
+                        Some((
+                            envelope.header.correlation_id.clone()?,
+                            headers.get(HEADER_ATTEMPT)?.parse::<u32>().ok()?,
+                            headers.get(HEADER_AGENT)?.clone(),
+                        ))
+                    })
+                    .flatten();
+                if let Err(e) = self.bus.publish_envelope(envelope).await {
+                    tracing::warn!(error = %e, %channel, "supervisor publish failed");
+                    if let Some((task_id, attempt, agent_id)) = assignment {
+                        // The attempt cannot start: count it as failed at once rather
+                        // than waiting for its timeout. An error that a retry cannot fix
+                        // (an oversized or undecodable input) fails the task.
+                        undeliverable.push(TaskReport {
+                            task_id,
+                            attempt,
+                            agent_id,
+                            outcome: ReportOutcome::Failed {
+                                retryable: e.is_temporary(),
+                                error: format!("the assignment could not be sent: {e}"),
+                            },
+                            duration_ms: 0,
+                            at: self.bus.clock().now(),
+                        });
+                    }
+                }
             }
+            if !undeliverable.is_empty() {
+                let now = self.bus.clock().now();
+                let mut next = Outbox::new();
+                for report in undeliverable {
+                    self.apply_report(report, now, &mut next);
+                }
+                outbox = next;
+                continue;
+            }
+            return;
         }
     }
 
     async fn on_report(&self, report: TaskReport) {
         let now = self.bus.clock().now();
         let mut outbox = Outbox::new();
-        {
-            let mut state = self.state.lock();
-            let state = &mut *state;
-            let Some(task) = state.tasks.get_mut(&report.task_id) else {
-                return;
-            };
-            if task.record.status.is_final() {
-                return;
-            }
-            let current = task
-                .current
-                .as_ref()
-                .is_some_and(|a| a.number == report.attempt && a.agent == report.agent_id);
-            match report.outcome {
-                ReportOutcome::Started => {
-                    if current {
-                        self.event(
-                            state,
-                            &report.task_id,
-                            TaskStatus::Running,
-                            Some(report.agent_id),
-                            format!("attempt {} started", report.attempt),
-                            now,
-                            &mut outbox,
-                        );
-                    }
+        self.apply_report(report, now, &mut outbox);
+        self.flush(outbox).await;
+    }
+
+    fn apply_report(&self, report: TaskReport, now: DateTime<Utc>, outbox: &mut Outbox) {
+        let mut state = self.state.lock();
+        let state = &mut *state;
+        let Some(task) = state.tasks.get_mut(&report.task_id) else {
+            return;
+        };
+        if task.record.status.is_final() {
+            return;
+        }
+        let current = task
+            .current
+            .as_ref()
+            .is_some_and(|a| a.number == report.attempt && a.agent == report.agent_id);
+        match report.outcome {
+            ReportOutcome::Started => {
+                if current {
+                    self.event(
+                        state,
+                        &report.task_id,
+                        TaskStatus::Running,
+                        Some(report.agent_id),
+                        format!("attempt {} started", report.attempt),
+                        now,
+                        outbox,
+                    );
                 }
-                ReportOutcome::Completed { output } => {
-                    // The first completion wins, from whichever attempt: the work is
-                    // done, and a later report of the same task is ignored.
-                    if let Some(attempt) = task.current.as_ref() {
-                        let agent = attempt.agent.clone();
-                        Self::release(state, &agent);
-                    }
-                    let stats = state.stats.entry(report.agent_id.clone()).or_default();
-                    stats.completed += 1;
-                    stats.latencies.push_back(report.duration_ms);
-                    if stats.latencies.len() > 4096 {
-                        stats.latencies.pop_front();
-                    }
-                    state
-                        .breakers
-                        .entry(report.agent_id.clone())
-                        .or_insert_with(|| CircuitBreaker::new(self.options.breaker))
-                        .on_success(now);
-                    self.selector.record(
-                        &report.agent_id,
-                        true,
-                        Duration::from_millis(report.duration_ms),
+            }
+            ReportOutcome::Completed { output } => {
+                // The first completion wins, from whichever attempt: the work is
+                // done, and a later report of the same task is ignored.
+                if let Some(attempt) = task.current.as_ref() {
+                    let agent = attempt.agent.clone();
+                    Self::release(state, &agent);
+                }
+                let stats = state.stats.entry(report.agent_id.clone()).or_default();
+                stats.completed += 1;
+                stats.latencies.push_back(report.duration_ms);
+                if stats.latencies.len() > 4096 {
+                    stats.latencies.pop_front();
+                }
+                state
+                    .breakers
+                    .entry(report.agent_id.clone())
+                    .or_insert_with(|| CircuitBreaker::new(self.options.breaker))
+                    .on_success(now);
+                self.selector.record(
+                    &report.agent_id,
+                    true,
+                    Duration::from_millis(report.duration_ms),
+                );
+                let detail = format!(
+                    "completed by {} on attempt {}",
+                    report.agent_id, report.attempt
+                );
+                if let Some(task) = state.tasks.get_mut(&report.task_id) {
+                    task.current = Some(Attempt {
+                        agent: report.agent_id.clone(),
+                        number: report.attempt,
+                        deadline: now,
+                    });
+                    task.record.agent = Some(report.agent_id.clone());
+                }
+                self.finish(
+                    state,
+                    &report.task_id,
+                    TaskStatus::Completed,
+                    Some(output),
+                    None,
+                    detail,
+                    now,
+                    outbox,
+                );
+            }
+            ReportOutcome::Failed { error, retryable } => {
+                if !current {
+                    return;
+                }
+                task.current = None;
+                task.last_was_timeout = false;
+                Self::release(state, &report.agent_id);
+                state
+                    .stats
+                    .entry(report.agent_id.clone())
+                    .or_default()
+                    .failed += 1;
+                state
+                    .breakers
+                    .entry(report.agent_id.clone())
+                    .or_insert_with(|| CircuitBreaker::new(self.options.breaker))
+                    .on_failure(now);
+                self.selector
+                    .record(&report.agent_id, false, Duration::ZERO);
+                if retryable {
+                    self.event(
+                        state,
+                        &report.task_id,
+                        TaskStatus::Failed,
+                        Some(report.agent_id.clone()),
+                        format!("attempt {} failed: {error}", report.attempt),
+                        now,
+                        outbox,
                     );
-                    let detail = format!(
-                        "completed by {} on attempt {}",
-                        report.agent_id, report.attempt
-                    );
-                    if let Some(task) = state.tasks.get_mut(&report.task_id) {
-                        task.current = Some(Attempt {
-                            agent: report.agent_id.clone(),
-                            number: report.attempt,
-                            deadline: now,
-                        });
-                        task.record.agent = Some(report.agent_id.clone());
-                    }
+                    self.next_step(state, &report.task_id, &report.agent_id, error, now, outbox);
+                } else {
+                    let detail = format!("failed on {} (not retryable): {error}", report.agent_id);
                     self.finish(
                         state,
                         &report.task_id,
-                        TaskStatus::Completed,
-                        Some(output),
+                        TaskStatus::Failed,
                         None,
+                        Some(error),
                         detail,
                         now,
-                        &mut outbox,
+                        outbox,
                     );
-                }
-                ReportOutcome::Failed { error, retryable } => {
-                    if !current {
-                        return;
-                    }
-                    task.current = None;
-                    task.last_was_timeout = false;
-                    Self::release(state, &report.agent_id);
-                    state
-                        .stats
-                        .entry(report.agent_id.clone())
-                        .or_default()
-                        .failed += 1;
-                    state
-                        .breakers
-                        .entry(report.agent_id.clone())
-                        .or_insert_with(|| CircuitBreaker::new(self.options.breaker))
-                        .on_failure(now);
-                    self.selector
-                        .record(&report.agent_id, false, Duration::ZERO);
-                    if retryable {
-                        self.event(
-                            state,
-                            &report.task_id,
-                            TaskStatus::Failed,
-                            Some(report.agent_id.clone()),
-                            format!("attempt {} failed: {error}", report.attempt),
-                            now,
-                            &mut outbox,
-                        );
-                        self.next_step(
-                            state,
-                            &report.task_id,
-                            &report.agent_id,
-                            error,
-                            now,
-                            &mut outbox,
-                        );
-                    } else {
-                        let detail =
-                            format!("failed on {} (not retryable): {error}", report.agent_id);
-                        self.finish(
-                            state,
-                            &report.task_id,
-                            TaskStatus::Failed,
-                            None,
-                            Some(error),
-                            detail,
-                            now,
-                            &mut outbox,
-                        );
-                    }
                 }
             }
         }
-        self.flush(outbox).await;
     }
 
     /// Times out due attempts, gives up on pending tasks past their wait; returns the

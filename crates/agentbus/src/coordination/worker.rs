@@ -20,7 +20,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::protocol::{
-    agent_task_channel, AgentLoad, ReportOutcome, TaskAssignment, TaskReport, WorkflowRef,
+    agent_task_channel, AgentLoad, CoordinationMessage, ReportOutcome, TaskAssignment, TaskReport,
+    WorkflowRef, COORDINATION_BROADCAST,
 };
 use super::registry::Presence;
 use crate::agent::AgentDescriptor;
@@ -114,12 +115,15 @@ type TaskHandler = Arc<
         + Sync,
 >;
 
+type CoordinationHandler = Arc<dyn Fn(CoordinationMessage) + Send + Sync>;
+
 /// Builds a [`Worker`].
 pub struct WorkerBuilder {
     descriptor: AgentDescriptor,
     heartbeat: Duration,
     concurrency: usize,
     handler: Option<TaskHandler>,
+    on_coordination: Option<CoordinationHandler>,
 }
 
 impl fmt::Debug for WorkerBuilder {
@@ -152,6 +156,17 @@ impl WorkerBuilder {
         Fut: Future<Output = std::result::Result<serde_json::Value, TaskError>> + Send + 'static,
     {
         self.handler = Some(Arc::new(move |request| Box::pin(handler(request))));
+        self
+    }
+
+    /// Calls `f` with every coordination message a supervisor broadcasts on
+    /// `_sys.coord.broadcast` (pause, resume, configuration…), in order, while the
+    /// worker runs. `f` should return quickly; hand long work to a task.
+    pub fn on_coordination<F>(mut self, f: F) -> Self
+    where
+        F: Fn(CoordinationMessage) + Send + Sync + 'static,
+    {
+        self.on_coordination = Some(Arc::new(f));
         self
     }
 
@@ -197,6 +212,34 @@ impl WorkerBuilder {
             }
         };
         let (stop, stopped) = watch::channel(false);
+        let listener = match self.on_coordination {
+            Some(f) => {
+                bus.register::<CoordinationMessage>();
+                let mut broadcasts = bus
+                    .subscribe_typed::<CoordinationMessage>(SubscribeOptions::new(
+                        ChannelPattern::new(COORDINATION_BROADCAST)?,
+                    ))
+                    .await?;
+                let mut stop_listening = stopped.clone();
+                Some(tokio::spawn(async move {
+                    loop {
+                        let next = tokio::select! {
+                            _ = stop_listening.changed() => return,
+                            next = broadcasts.next() => next,
+                        };
+                        match next {
+                            Ok(typed) => {
+                                let _ = typed.delivery.ack().await;
+                                f(typed.message);
+                            }
+                            Err(e) if e.kind() == ErrorKind::Closed => return,
+                            Err(e) => tracing::warn!(error = %e, "bad coordination message"),
+                        }
+                    }
+                }))
+            }
+            None => None,
+        };
         let state = LoopState {
             bus: bus.clone(),
             agent_id: self.descriptor.id.clone(),
@@ -212,6 +255,7 @@ impl WorkerBuilder {
             presence: Some(presence),
             stop,
             task: Some(task),
+            listener,
             in_flight,
         })
     }
@@ -223,6 +267,7 @@ pub struct Worker {
     presence: Option<Presence>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
+    listener: Option<JoinHandle<()>>,
     in_flight: Arc<AtomicU32>,
 }
 
@@ -239,6 +284,9 @@ impl Drop for Worker {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
+        }
+        if let Some(listener) = self.listener.take() {
+            listener.abort();
         }
     }
 }
@@ -271,6 +319,7 @@ impl Worker {
             heartbeat: Duration::from_secs(1),
             concurrency: 1,
             handler: None,
+            on_coordination: None,
         }
     }
 
