@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use agentbus::{BusEvent, BusObserver, Envelope, Error, ErrorKind, Result, Settlement};
+use agentbus::{BusEvent, BusObserver, Envelope, Error, ErrorKind, Header, Result, Settlement};
 use chrono::{DateTime, TimeZone, Utc};
 use parking_lot::Mutex;
 use rusqlite::{params_from_iter, Connection, OptionalExtension};
@@ -97,13 +97,14 @@ pub struct Interaction {
 
 impl Interaction {
     /// The row of a bus event.
-    pub fn from_event(event: &BusEvent<'_>) -> (Interaction, Option<String>) {
+    /// The header comes back for `published` events, to be stored as JSON.
+    pub fn from_event(event: &BusEvent<'_>) -> (Interaction, Option<Header>) {
         let envelope = event.envelope();
         let mut row = Interaction::base(envelope, event.name(), event.at());
         let mut header = None;
         match event {
             BusEvent::Published { .. } => {
-                header = serde_json::to_string(&envelope.header).ok();
+                header = Some(envelope.header.clone());
                 row.payload = std::str::from_utf8(&envelope.payload)
                     .ok()
                     .map(str::to_owned);
@@ -285,7 +286,7 @@ pub struct WorkflowStatus {
 }
 
 enum Command {
-    Row(Box<(Interaction, Option<String>)>),
+    Row(Box<(Interaction, Option<Header>)>),
     Flush(SyncSender<()>),
 }
 
@@ -430,9 +431,10 @@ impl InteractionStore {
         &self.path
     }
 
-    /// Queues one row (with the header JSON, for `published` rows). Returns false when
+    /// Queues one row (with the header, stored as JSON, for `published` rows); the
+    /// header is serialized by the writer thread, off the caller's path. Returns false when
     /// it was dropped because the writer is behind or the store is read-only.
-    pub fn record(&self, row: Interaction, header: Option<String>) -> bool {
+    pub fn record(&self, row: Interaction, header: Option<Header>) -> bool {
         let guard = self.tx.lock();
         let sent = guard.as_ref().is_some_and(|tx| {
             match tx.try_send(Command::Row(Box::new((row, header)))) {
@@ -751,7 +753,7 @@ fn write_loop(mut conn: Connection, rx: Receiver<Command>, counters: &Counters, 
 
 fn insert_batch(
     conn: &mut Connection,
-    batch: &[Box<(Interaction, Option<String>)>],
+    batch: &[Box<(Interaction, Option<Header>)>],
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
@@ -760,6 +762,7 @@ fn insert_batch(
         ))?;
         for row in batch {
             let (i, header) = &**row;
+            let header = header.as_ref().and_then(|h| serde_json::to_string(h).ok());
             statement.execute(rusqlite::params![
                 i.at.timestamp_millis(),
                 i.event,
