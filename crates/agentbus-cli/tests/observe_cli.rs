@@ -312,6 +312,36 @@ fn demo_context_reports_responders_timeouts_and_merged_items() {
 
     let bad = agentbus(&["demo", "context", "--peers", "0"], dir.path());
     assert_code(&bad, 2);
+
+    // With --store the whole run is recorded too: the broadcast and the replies.
+    let run = agentbus(
+        &[
+            "demo", "context", "--peers", "2", "--slow", "0", "--store", "all.db",
+        ],
+        dir.path(),
+    );
+    assert_code(&run, 0);
+    let log = agentbus(
+        &[
+            "log",
+            "--store",
+            "all.db",
+            "--kind",
+            "context.reply",
+            "--json",
+        ],
+        dir.path(),
+    );
+    assert_code(&log, 0);
+    let replies: Vec<Value> = text(&log.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(replies.len(), 2);
+    assert!(
+        replies.iter().all(|r| r["receiver"] == "reconstructor-1"),
+        "{replies:?}"
+    );
 }
 
 #[test]
