@@ -268,7 +268,7 @@ fn demo_context_reports_responders_timeouts_and_merged_items() {
             "--tasks",
             "2",
             "--timeout",
-            "400ms",
+            "1500ms",
             "--store-dir",
             "stores",
         ],
