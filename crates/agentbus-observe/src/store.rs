@@ -546,6 +546,30 @@ impl InteractionStore {
         Ok(out)
     }
 
+    /// Deletes every row older than `before` (retention); returns how many. Run it
+    /// from a periodic task; it takes the database's write lock briefly, waiting up to
+    /// 5 s for the writer thread.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unsupported`] on a read-only store; [`ErrorKind::Backend`] for
+    /// database errors.
+    pub fn delete_before(&self, before: DateTime<Utc>) -> Result<u64> {
+        if self.tx.lock().is_none() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "this interaction store was opened read-only; open it with InteractionStore::open to delete rows",
+            ));
+        }
+        let reader = self.reader.lock();
+        let deleted = reader
+            .execute(
+                "DELETE FROM interactions WHERE at_ms < ?",
+                [before.timestamp_millis()],
+            )
+            .map_err(|e| db_error(&self.path, "deleting old rows", e))?;
+        Ok(deleted as u64)
+    }
+
     /// The header of message `id` as recorded when it was published.
     ///
     /// # Errors

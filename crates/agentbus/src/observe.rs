@@ -82,7 +82,9 @@ pub enum BusEvent<'a> {
         /// Ack, nack or reject.
         settlement: &'a Settlement,
         /// Whether this settlement sent the message to dead letters: every reject, and
-        /// a nack of the last allowed delivery.
+        /// a nack of the last allowed delivery (judged by the `max_deliveries` this
+        /// consumer subscribed with; the group's own setting, fixed by the member that
+        /// created it, wins in the engine if they differ).
         dead_lettered: bool,
         /// How long the consumer held the delivery before settling it.
         held: Duration,
