@@ -383,3 +383,25 @@ fn sub_and_ueba_take_the_observe_options() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_metrics_address_in_use_is_a_clear_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let run = agentbus(
+        &["demo", "vehicle", "--vehicles", "1", "--metrics", &addr],
+        dir.path(),
+    );
+    assert_code(&run, 1);
+    let stderr = text(&run.stderr);
+    assert!(
+        stderr.contains(&format!("cannot serve metrics on {addr}")),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.lines().filter(|l| l.starts_with("error: ")).count(),
+        1,
+        "{stderr}"
+    );
+}
