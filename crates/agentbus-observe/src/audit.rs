@@ -337,6 +337,7 @@ enum Detail {
     Delivered(String),
     Settled {
         group: String,
+        agent: Option<String>,
         settlement: Settlement,
         dead_lettered: bool,
         held: Duration,
@@ -359,8 +360,10 @@ impl BusObserver for AuditSink {
                 settlement,
                 dead_lettered,
                 held,
+                agent,
                 ..
             } => Detail::Settled {
+                agent: crate::handler_of(*agent, group),
                 group: group.to_string(),
                 settlement: (*settlement).clone(),
                 dead_lettered: *dead_lettered,
@@ -426,6 +429,7 @@ fn records_of(snapshot: Snapshot) -> Vec<(Category, Value)> {
         }
         Detail::Settled {
             group,
+            agent,
             settlement,
             dead_lettered,
             held,
@@ -440,7 +444,7 @@ fn records_of(snapshot: Snapshot) -> Vec<(Category, Value)> {
             };
             base["error"] = json!(error);
             out.push((Category::TaskHistory, base.clone()));
-            if let Some(agent) = crate::agent_of_group(&group) {
+            if let Some(agent) = agent {
                 out.push((
                     Category::AgentActivity,
                     json!({"agent": agent, "action": "handled", "outcome": name,

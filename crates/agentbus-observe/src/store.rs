@@ -110,16 +110,19 @@ impl Interaction {
                     .map(str::to_owned);
             }
             BusEvent::PublishFailed { error, .. } => row.error = Some(error.to_string()),
-            BusEvent::Delivered { group, .. } => {
+            BusEvent::Delivered { group, agent, .. } => {
                 row.group = Some(group.to_string());
-                row.agent = crate::agent_of_group(group).map(str::to_owned);
+                row.agent = crate::handler_of(*agent, group);
                 row.attempt = envelope.header.attempt;
             }
             BusEvent::Settled {
-                group, settlement, ..
+                group,
+                settlement,
+                agent,
+                ..
             } => {
                 row.group = Some(group.to_string());
-                row.agent = crate::agent_of_group(group).map(str::to_owned);
+                row.agent = crate::handler_of(*agent, group);
                 row.attempt = envelope.header.attempt;
                 row.latency_ms = (event.at() - envelope.header.timestamp)
                     .to_std()
