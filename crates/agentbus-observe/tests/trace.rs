@@ -33,10 +33,10 @@ struct Published(Mutex<Vec<Envelope>>, Mutex<Vec<(String, Option<String>)>>);
 impl BusObserver for Published {
     fn on_event(&self, event: &BusEvent<'_>) {
         match event {
-            BusEvent::Published { envelope, .. } => {
-                if !envelope.channel.as_str().starts_with("_sys.") {
-                    self.0.lock().push((*envelope).clone());
-                }
+            BusEvent::Published { envelope, .. }
+                if !envelope.channel.as_str().starts_with("_sys.") =>
+            {
+                self.0.lock().push((*envelope).clone());
             }
             BusEvent::Settled {
                 envelope, agent, ..
