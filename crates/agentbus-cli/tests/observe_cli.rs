@@ -268,7 +268,7 @@ fn demo_context_reports_responders_timeouts_and_merged_items() {
             "--tasks",
             "2",
             "--timeout",
-            "400ms",
+            "1500ms",
             "--store-dir",
             "stores",
         ],
@@ -312,6 +312,36 @@ fn demo_context_reports_responders_timeouts_and_merged_items() {
 
     let bad = agentbus(&["demo", "context", "--peers", "0"], dir.path());
     assert_code(&bad, 2);
+
+    // With --store the whole run is recorded too: the broadcast and the replies.
+    let run = agentbus(
+        &[
+            "demo", "context", "--peers", "2", "--slow", "0", "--store", "all.db",
+        ],
+        dir.path(),
+    );
+    assert_code(&run, 0);
+    let log = agentbus(
+        &[
+            "log",
+            "--store",
+            "all.db",
+            "--kind",
+            "context.reply",
+            "--json",
+        ],
+        dir.path(),
+    );
+    assert_code(&log, 0);
+    let replies: Vec<Value> = text(&log.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(replies.len(), 2);
+    assert!(
+        replies.iter().all(|r| r["receiver"] == "reconstructor-1"),
+        "{replies:?}"
+    );
 }
 
 #[test]
@@ -350,6 +380,28 @@ fn sub_and_ueba_take_the_observe_options() {
     );
     assert!(
         stderr.contains("detector=new_kind") || stderr.contains("new_kind"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_metrics_address_in_use_is_a_clear_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let run = agentbus(
+        &["demo", "vehicle", "--vehicles", "1", "--metrics", &addr],
+        dir.path(),
+    );
+    assert_code(&run, 1);
+    let stderr = text(&run.stderr);
+    assert!(
+        stderr.contains(&format!("cannot serve metrics on {addr}")),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.lines().filter(|l| l.starts_with("error: ")).count(),
+        1,
         "{stderr}"
     );
 }

@@ -8,8 +8,10 @@
 //! the sink starts and whenever the day changes; files that do not look like the
 //! sink's own are never touched.
 //!
-//! The bus never waits for the sink: records go through a bounded channel with
-//! `try_send`. When the writer falls behind, records are dropped and counted; the
+//! The bus never waits for the sink: each bus event goes, as an owned snapshot of its
+//! header (the payload is not copied), through a bounded channel with `try_send`, and
+//! the writer thread turns it into records. When the writer falls behind, events are
+//! dropped and counted; the
 //! writer then writes an `errors` record saying how many were lost, logs a warning and
 //! increments `agentbus_audit_dropped_total`. An I/O error is logged and counted, and
 //! the writer goes on with the next record.
@@ -120,7 +122,8 @@ impl AuditConfig {
 pub struct AuditStats {
     /// Records written to files.
     pub written: u64,
-    /// Records dropped because the writer was behind.
+    /// Bus events (each one to four records) and records dropped because the writer
+    /// was behind.
     pub dropped: u64,
     /// Records lost to I/O errors.
     pub write_errors: u64,
@@ -136,6 +139,7 @@ struct Record {
 
 enum Command {
     Record(Record),
+    Event(Box<Snapshot>),
     Flush(SyncSender<()>),
     #[cfg(test)]
     Block(Receiver<()>),
@@ -234,22 +238,25 @@ impl AuditSink {
     }
 
     fn record_at(&self, at: DateTime<Utc>, category: Category, fields: Value) -> bool {
-        let guard = self.tx.lock();
-        let Some(tx) = guard.as_ref() else {
-            return false;
-        };
-        match tx.try_send(Command::Record(Record {
+        self.send(Command::Record(Record {
             at,
             category,
             fields,
-        })) {
+        }))
+    }
+
+    /// Queues a command without waiting; a full queue drops it and counts it.
+    fn send(&self, command: Command) -> bool {
+        let guard = self.tx.lock();
+        let sent = guard.as_ref().is_some_and(|tx| match tx.try_send(command) {
             Ok(()) => true,
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("agentbus_audit_dropped_total").increment(1);
-                false
-            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+        });
+        if !sent {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("agentbus_audit_dropped_total").increment(1);
         }
+        sent
     }
 
     /// Waits until every record queued so far is written and flushed (at most 10 s).
@@ -310,88 +317,157 @@ impl Drop for AuditSink {
     }
 }
 
+/// What the sink keeps of a bus event: owned, cheap to take on the hot path (the
+/// payload is not copied); the writer thread turns it into records.
+struct Snapshot {
+    at: DateTime<Utc>,
+    name: &'static str,
+    channel: String,
+    header: agentbus::Header,
+    detail: Detail,
+}
+
+enum Detail {
+    Published {
+        sequence: u64,
+        duplicate: bool,
+        took: Duration,
+    },
+    Failed(String),
+    Delivered(String),
+    Settled {
+        group: String,
+        agent: Option<String>,
+        settlement: Settlement,
+        dead_lettered: bool,
+        held: Duration,
+    },
+}
+
 impl BusObserver for AuditSink {
     fn on_event(&self, event: &BusEvent<'_>) {
-        let at = event.at();
         let envelope = event.envelope();
-        let h = &envelope.header;
-        let mut base = json!({
-            "event": event.name(),
-            "message_id": h.id.to_string(),
-            "channel": envelope.channel.as_str(),
-            "kind": h.kind,
-            "sender": h.sender,
-            "receiver": h.receiver,
-            "correlation_id": h.correlation_id,
-            "causation_id": h.causation_id.map(|c| c.to_string()),
-            "attempt": h.attempt,
-        });
-        match event {
-            BusEvent::Published { receipt, took, .. } => {
-                base["sequence"] = json!(receipt.sequence);
-                base["duplicate"] = json!(receipt.duplicate);
-                base["publish_us"] = json!(took.as_micros() as u64);
-                if let Some(sender) = &h.sender {
-                    self.record_at(
-                        at,
-                        Category::AgentActivity,
-                        json!({"agent": sender, "action": "sent", "kind": h.kind,
-                               "channel": envelope.channel.as_str(), "message_id": h.id.to_string(),
-                               "correlation_id": h.correlation_id}),
-                    );
-                }
-            }
-            BusEvent::PublishFailed { error, .. } => {
-                base["error"] = json!(error.to_string());
-                self.record_at(at, Category::Errors, base.clone());
-            }
-            BusEvent::Delivered { group, .. } => {
-                base["group"] = json!(group);
-            }
+        let detail = match event {
+            BusEvent::Published { receipt, took, .. } => Detail::Published {
+                sequence: receipt.sequence,
+                duplicate: receipt.duplicate,
+                took: *took,
+            },
+            BusEvent::PublishFailed { error, .. } => Detail::Failed(error.to_string()),
+            BusEvent::Delivered { group, .. } => Detail::Delivered(group.to_string()),
             BusEvent::Settled {
                 group,
                 settlement,
                 dead_lettered,
                 held,
+                agent,
                 ..
-            } => {
-                base["group"] = json!(group);
-                base["dead_lettered"] = json!(dead_lettered);
-                base["held_ms"] = json!(held.as_secs_f64() * 1e3);
-                let error = match settlement {
-                    Settlement::Ack => None,
-                    Settlement::Nack { error, .. } => error.clone(),
-                    Settlement::Reject { reason, error } => Some(format!("{reason}: {error}")),
-                };
-                base["error"] = json!(error);
-                self.record_at(at, Category::TaskHistory, base.clone());
-                if let Some(agent) = crate::agent_of_group(group) {
-                    self.record_at(
-                        at,
-                        Category::AgentActivity,
-                        json!({"agent": agent, "action": "handled", "outcome": event.name(),
-                               "kind": h.kind, "channel": envelope.channel.as_str(),
-                               "message_id": h.id.to_string(), "correlation_id": h.correlation_id}),
-                    );
-                }
-                if matches!(settlement, Settlement::Ack) {
-                    let latency = (at - h.timestamp).to_std().unwrap_or_default();
-                    self.record_at(
-                        at,
-                        Category::Performance,
-                        json!({"channel": envelope.channel.as_str(), "kind": h.kind,
-                               "group": group, "message_id": h.id.to_string(),
-                               "publish_to_ack_ms": latency.as_secs_f64() * 1e3,
-                               "held_ms": held.as_secs_f64() * 1e3}),
-                    );
-                } else if error.is_some() || *dead_lettered {
-                    self.record_at(at, Category::Errors, base.clone());
-                }
-            }
-            _ => {}
-        }
-        self.record_at(at, Category::MessageAudit, base);
+            } => Detail::Settled {
+                agent: crate::handler_of(*agent, group),
+                group: group.to_string(),
+                settlement: (*settlement).clone(),
+                dead_lettered: *dead_lettered,
+                held: *held,
+            },
+            _ => return,
+        };
+        self.send(Command::Event(Box::new(Snapshot {
+            at: event.at(),
+            name: event.name(),
+            channel: envelope.channel.as_str().to_owned(),
+            header: envelope.header.clone(),
+            detail,
+        })));
     }
+}
+
+/// The records of one bus event, by category.
+fn records_of(snapshot: Snapshot) -> Vec<(Category, Value)> {
+    let Snapshot {
+        name,
+        channel,
+        header: h,
+        detail,
+        at,
+    } = snapshot;
+    let mut out = Vec::with_capacity(4);
+    let mut base = json!({
+        "event": name,
+        "message_id": h.id.to_string(),
+        "channel": channel,
+        "kind": h.kind,
+        "sender": h.sender,
+        "receiver": h.receiver,
+        "correlation_id": h.correlation_id,
+        "causation_id": h.causation_id.map(|c| c.to_string()),
+        "attempt": h.attempt,
+    });
+    match detail {
+        Detail::Published {
+            sequence,
+            duplicate,
+            took,
+        } => {
+            base["sequence"] = json!(sequence);
+            base["duplicate"] = json!(duplicate);
+            base["publish_us"] = json!(took.as_micros() as u64);
+            if let Some(sender) = &h.sender {
+                out.push((
+                    Category::AgentActivity,
+                    json!({"agent": sender, "action": "sent", "kind": h.kind,
+                           "channel": channel, "message_id": h.id.to_string(),
+                           "correlation_id": h.correlation_id}),
+                ));
+            }
+        }
+        Detail::Failed(error) => {
+            base["error"] = json!(error);
+            out.push((Category::Errors, base.clone()));
+        }
+        Detail::Delivered(group) => {
+            base["group"] = json!(group);
+        }
+        Detail::Settled {
+            group,
+            agent,
+            settlement,
+            dead_lettered,
+            held,
+        } => {
+            base["group"] = json!(group);
+            base["dead_lettered"] = json!(dead_lettered);
+            base["held_ms"] = json!(held.as_secs_f64() * 1e3);
+            let error = match &settlement {
+                Settlement::Ack => None,
+                Settlement::Nack { error, .. } => error.clone(),
+                Settlement::Reject { reason, error } => Some(format!("{reason}: {error}")),
+            };
+            base["error"] = json!(error);
+            out.push((Category::TaskHistory, base.clone()));
+            if let Some(agent) = agent {
+                out.push((
+                    Category::AgentActivity,
+                    json!({"agent": agent, "action": "handled", "outcome": name,
+                           "kind": h.kind, "channel": channel,
+                           "message_id": h.id.to_string(), "correlation_id": h.correlation_id}),
+                ));
+            }
+            if matches!(settlement, Settlement::Ack) {
+                let latency = (at - h.timestamp).to_std().unwrap_or_default();
+                out.push((
+                    Category::Performance,
+                    json!({"channel": channel, "kind": h.kind,
+                           "group": group, "message_id": h.id.to_string(),
+                           "publish_to_ack_ms": latency.as_secs_f64() * 1e3,
+                           "held_ms": held.as_secs_f64() * 1e3}),
+                ));
+            } else if error.is_some() || dead_lettered {
+                out.push((Category::Errors, base.clone()));
+            }
+        }
+    }
+    out.push((Category::MessageAudit, base));
+    out
 }
 
 struct Writer {
@@ -422,6 +498,16 @@ impl Writer {
     fn handle(&mut self, command: Command) {
         match command {
             Command::Record(record) => self.write(record),
+            Command::Event(snapshot) => {
+                let at = snapshot.at;
+                for (category, fields) in records_of(*snapshot) {
+                    self.write(Record {
+                        at,
+                        category,
+                        fields,
+                    });
+                }
+            }
             Command::Flush(done) => {
                 self.report_drops();
                 self.flush_all();

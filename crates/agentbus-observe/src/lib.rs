@@ -29,6 +29,12 @@ pub mod ueba;
 
 pub use prometheus::{EngineGauges, PrometheusEndpoint};
 
+/// Who took a delivery: the agent instance the runtime reported, else the agent name
+/// read from its group.
+pub fn handler_of(agent: Option<&str>, group: &str) -> Option<String> {
+    agent.or_else(|| agent_of_group(group)).map(str::to_owned)
+}
+
 /// The agent behind a group name made by the agent runtime (`agent-<name>--<pattern>`),
 /// if it is one.
 pub fn agent_of_group(group: &str) -> Option<&str> {

@@ -226,12 +226,13 @@ impl BusObserver for OtlpExporter {
                 settlement,
                 held,
                 at,
+                agent,
                 ..
             } => {
                 attributes.push(attr("messaging.consumer.group.name", *group));
                 attributes.push(attr("agentbus.outcome", event.name()));
                 attributes.push(attr("agentbus.attempt", u64::from(h.attempt)));
-                if let Some(agent) = crate::agent_of_group(group) {
+                if let Some(agent) = crate::handler_of(*agent, group) {
                     attributes.push(attr("agentbus.agent", agent));
                 }
                 let start = chrono::Duration::from_std(*held)

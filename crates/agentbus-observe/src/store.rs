@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use agentbus::{BusEvent, BusObserver, Envelope, Error, ErrorKind, Result, Settlement};
+use agentbus::{BusEvent, BusObserver, Envelope, Error, ErrorKind, Header, Result, Settlement};
 use chrono::{DateTime, TimeZone, Utc};
 use parking_lot::Mutex;
 use rusqlite::{params_from_iter, Connection, OptionalExtension};
@@ -97,28 +97,32 @@ pub struct Interaction {
 
 impl Interaction {
     /// The row of a bus event.
-    pub fn from_event(event: &BusEvent<'_>) -> (Interaction, Option<String>) {
+    /// The header comes back for `published` events, to be stored as JSON.
+    pub fn from_event(event: &BusEvent<'_>) -> (Interaction, Option<Header>) {
         let envelope = event.envelope();
         let mut row = Interaction::base(envelope, event.name(), event.at());
         let mut header = None;
         match event {
             BusEvent::Published { .. } => {
-                header = serde_json::to_string(&envelope.header).ok();
+                header = Some(envelope.header.clone());
                 row.payload = std::str::from_utf8(&envelope.payload)
                     .ok()
                     .map(str::to_owned);
             }
             BusEvent::PublishFailed { error, .. } => row.error = Some(error.to_string()),
-            BusEvent::Delivered { group, .. } => {
+            BusEvent::Delivered { group, agent, .. } => {
                 row.group = Some(group.to_string());
-                row.agent = crate::agent_of_group(group).map(str::to_owned);
+                row.agent = crate::handler_of(*agent, group);
                 row.attempt = envelope.header.attempt;
             }
             BusEvent::Settled {
-                group, settlement, ..
+                group,
+                settlement,
+                agent,
+                ..
             } => {
                 row.group = Some(group.to_string());
-                row.agent = crate::agent_of_group(group).map(str::to_owned);
+                row.agent = crate::handler_of(*agent, group);
                 row.attempt = envelope.header.attempt;
                 row.latency_ms = (event.at() - envelope.header.timestamp)
                     .to_std()
@@ -285,7 +289,7 @@ pub struct WorkflowStatus {
 }
 
 enum Command {
-    Row(Box<(Interaction, Option<String>)>),
+    Row(Box<(Interaction, Option<Header>)>),
     Flush(SyncSender<()>),
 }
 
@@ -430,9 +434,10 @@ impl InteractionStore {
         &self.path
     }
 
-    /// Queues one row (with the header JSON, for `published` rows). Returns false when
+    /// Queues one row (with the header, stored as JSON, for `published` rows); the
+    /// header is serialized by the writer thread, off the caller's path. Returns false when
     /// it was dropped because the writer is behind or the store is read-only.
-    pub fn record(&self, row: Interaction, header: Option<String>) -> bool {
+    pub fn record(&self, row: Interaction, header: Option<Header>) -> bool {
         let guard = self.tx.lock();
         let sent = guard.as_ref().is_some_and(|tx| {
             match tx.try_send(Command::Row(Box::new((row, header)))) {
@@ -542,6 +547,30 @@ impl InteractionStore {
         }
         out.reverse();
         Ok(out)
+    }
+
+    /// Deletes every row older than `before` (retention); returns how many. Run it
+    /// from a periodic task; it takes the database's write lock briefly, waiting up to
+    /// 5 s for the writer thread.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unsupported`] on a read-only store; [`ErrorKind::Backend`] for
+    /// database errors.
+    pub fn delete_before(&self, before: DateTime<Utc>) -> Result<u64> {
+        if self.tx.lock().is_none() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "this interaction store was opened read-only; open it with InteractionStore::open to delete rows",
+            ));
+        }
+        let reader = self.reader.lock();
+        let deleted = reader
+            .execute(
+                "DELETE FROM interactions WHERE at_ms < ?",
+                [before.timestamp_millis()],
+            )
+            .map_err(|e| db_error(&self.path, "deleting old rows", e))?;
+        Ok(deleted as u64)
     }
 
     /// The header of message `id` as recorded when it was published.
@@ -751,7 +780,7 @@ fn write_loop(mut conn: Connection, rx: Receiver<Command>, counters: &Counters, 
 
 fn insert_batch(
     conn: &mut Connection,
-    batch: &[Box<(Interaction, Option<String>)>],
+    batch: &[Box<(Interaction, Option<Header>)>],
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
@@ -760,6 +789,7 @@ fn insert_batch(
         ))?;
         for row in batch {
             let (i, header) = &**row;
+            let header = header.as_ref().and_then(|h| serde_json::to_string(h).ok());
             statement.execute(rusqlite::params![
                 i.at.timestamp_millis(),
                 i.event,

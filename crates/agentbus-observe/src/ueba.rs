@@ -15,13 +15,15 @@
 //!
 //! Anomalies are published as [`Anomaly`] messages (kind `security.anomaly`) on
 //! [`ANOMALY_CHANNEL`] by a task started with [`UebaDetector::start_publisher`], and
-//! counted in `agentbus_anomalies_total{agent, detector}`. The detector runs inline as
+//! counted in `agentbus_anomalies_total{agent, detector}`. Memory is bounded: at most
+//! 100,000 senders (one `too_many_agents` anomaly when exceeded) and 10,000 kinds and
+//! peers per sender. The detector runs inline as
 //! a bus observer (a map lookup and a few additions per message) and hands anomalies to
 //! the publisher through a bounded channel; system channels (`_sys.…`) are ignored, so
 //! anomaly events never feed themselves.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +34,11 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+/// Senders tracked at most.
+const MAX_AGENTS: usize = 100_000;
+/// Kinds and peers remembered per sender at most (beyond, new ones are not reported).
+const MAX_SET: usize = 10_000;
 
 /// Where anomalies are published.
 pub const ANOMALY_CHANNEL: &str = "_sys.security.anomaly";
@@ -113,6 +120,7 @@ pub struct UebaDetector {
     rx: Mutex<Option<mpsc::Receiver<Anomaly>>>,
     detected: AtomicU64,
     dropped: AtomicU64,
+    overflowed: AtomicBool,
 }
 
 impl UebaDetector {
@@ -126,6 +134,7 @@ impl UebaDetector {
             rx: Mutex::new(Some(rx)),
             detected: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            overflowed: AtomicBool::new(false),
         })
     }
 
@@ -187,6 +196,25 @@ impl UebaDetector {
         let mut raised = Vec::new();
         {
             let mut agents = self.agents.lock();
+            if !agents.contains_key(agent) && agents.len() >= MAX_AGENTS {
+                // Memory stays bounded even with endless spoofed sender names; the
+                // overflow is itself worth an alarm, once.
+                drop(agents);
+                if !self.overflowed.swap(true, Ordering::Relaxed) {
+                    self.raise(Anomaly {
+                        agent: agent.to_string(),
+                        detector: "too_many_agents".into(),
+                        detail: format!(
+                            "more than {MAX_AGENTS} distinct senders; new ones are not tracked"
+                        ),
+                        observed: MAX_AGENTS as f64,
+                        baseline: MAX_AGENTS as f64,
+                        message_id,
+                        at,
+                    });
+                }
+                return;
+            }
             let b = agents.entry(agent.to_string()).or_insert_with(|| Baseline {
                 started: at,
                 kinds: HashSet::new(),
@@ -231,11 +259,11 @@ impl UebaDetector {
                         / n;
                     b.frozen = Some((mean, var.sqrt()));
                 }
-                if b.kinds.insert(kind.to_string()) {
+                if b.kinds.len() < MAX_SET && b.kinds.insert(kind.to_string()) {
                     raised.push(("new_kind", format!("agent '{agent}' sent kind '{kind}', which it never sent while learning"), 1.0, (b.kinds.len() - 1) as f64));
                 }
                 if let Some(peer) = peer {
-                    if b.peers.insert(peer.to_string()) {
+                    if b.peers.len() < MAX_SET && b.peers.insert(peer.to_string()) {
                         raised.push(("new_peer", format!("agent '{agent}' sent to '{peer}', a peer it never sent to while learning"), 1.0, (b.peers.len() - 1) as f64));
                     }
                 }

@@ -160,6 +160,24 @@ async fn records_and_answers_queries() {
     let reader = InteractionStore::open_read_only(&path).unwrap();
     assert_eq!(reader.timeline("c1").unwrap(), timeline);
     assert!(!reader.record(alice[0].clone(), None));
+    assert_eq!(
+        reader
+            .delete_before(at("2030-01-01T00:00:00Z"))
+            .unwrap_err()
+            .kind(),
+        agentbus::ErrorKind::Unsupported
+    );
+    // Retention: the rows of the first minute go, bob's thread (a minute later) stays.
+    let before = store.query(&Query::new().limit(100)).unwrap().len() as u64;
+    let deleted = store.delete_before(at("2026-05-01T12:01:00Z")).unwrap();
+    assert!(deleted > 0);
+    let left = store.query(&Query::new().limit(100)).unwrap();
+    assert_eq!(left.len() as u64, before - deleted);
+    assert!(left.iter().all(|r| r.at >= at("2026-05-01T12:01:00Z")));
+    assert_eq!(
+        store.query(&Query::new().correlation("c2")).unwrap().len(),
+        2
+    );
     let missing = InteractionStore::open_read_only(dir.path().join("none.db")).unwrap_err();
     assert_eq!(missing.kind(), agentbus::ErrorKind::NotFound);
 }

@@ -28,14 +28,23 @@ message!(Answer, "chain.answer");
 message!(Done, "chain.done");
 
 #[derive(Debug, Default)]
-struct Published(Mutex<Vec<Envelope>>);
+struct Published(Mutex<Vec<Envelope>>, Mutex<Vec<(String, Option<String>)>>);
 
 impl BusObserver for Published {
     fn on_event(&self, event: &BusEvent<'_>) {
-        if let BusEvent::Published { envelope, .. } = event {
-            if !envelope.channel.as_str().starts_with("_sys.") {
+        match event {
+            BusEvent::Published { envelope, .. }
+                if !envelope.channel.as_str().starts_with("_sys.") =>
+            {
                 self.0.lock().push((*envelope).clone());
             }
+            BusEvent::Settled {
+                envelope, agent, ..
+            } => self
+                .1
+                .lock()
+                .push((envelope.header.kind.clone(), agent.map(str::to_owned))),
+            _ => {}
         }
     }
 }
@@ -134,6 +143,19 @@ async fn a_trace_follows_a_request_through_three_agents() {
     let tp = TraceParent::parse(solo.header.trace.as_deref().unwrap()).unwrap();
     assert_ne!(tp.trace_id, upstream.trace_id);
     assert!(!solo.header.headers.contains_key(PARENT_SPAN_HEADER));
+    // Settlements name the agent instance that handled them; the inbox router and
+    // the test's own subscription are no agents.
+    let settled = published.1.lock().clone();
+    let by = |kind: &str| {
+        settled
+            .iter()
+            .find(|(k, _)| k == kind)
+            .map(|(_, a)| a.clone())
+    };
+    assert_eq!(by("chain.start"), Some(Some("front".to_string())));
+    assert_eq!(by("chain.ask"), Some(Some("back".to_string())));
+    assert_eq!(by("chain.answer"), Some(None));
+    assert_eq!(by("chain.done"), Some(None));
     front.shutdown(Duration::from_secs(1)).await;
     back.shutdown(Duration::from_secs(1)).await;
 }

@@ -638,14 +638,18 @@ impl AgentBuilder {
             let subscription = bus.subscribe(options).await?;
             let routes: HashMap<&'static str, Arc<Route>> =
                 routes.into_iter().map(|r| (r.kind, Arc::new(r))).collect();
-            loops.spawn(receive_loop(
-                bus.clone(),
-                descriptor.clone(),
-                pattern,
-                subscription,
-                routes,
-                stop_rx.clone(),
-                in_flight.clone(),
+            // Observers learn which agent instance took a delivery from this scope.
+            loops.spawn(crate::observe::HANDLING_AGENT.scope(
+                Arc::from(descriptor.id.as_str()),
+                receive_loop(
+                    bus.clone(),
+                    descriptor.clone(),
+                    pattern,
+                    subscription,
+                    routes,
+                    stop_rx.clone(),
+                    in_flight.clone(),
+                ),
             ));
         }
         metrics::gauge!("agentbus_agent_up", "agent" => descriptor.id.clone()).set(1.0);
@@ -814,11 +818,12 @@ async fn receive_loop(
         };
         in_flight.fetch_add(1, Ordering::AcqRel);
         let counter = in_flight.clone();
-        running.spawn(async move {
+        let agent: Arc<str> = Arc::from(descriptor.id.as_str());
+        running.spawn(crate::observe::HANDLING_AGENT.scope(agent, async move {
             run_handler(&route, ctx, delivery).await;
             counter.fetch_sub(1, Ordering::AcqRel);
             drop(permit);
-        });
+        }));
     }
     // Drain: in-flight handlers finish; the caller's timeout aborts this task, and
     // with it the JoinSet, cancelling whatever is left.

@@ -40,6 +40,16 @@ use crate::transport::{
     Settlement, Settler, SubscribeOptions, Transport,
 };
 
+tokio::task_local! {
+    /// The id of the agent instance whose runtime task is receiving or handling: set
+    /// by the agent runtime, read when deliveries and settlements are reported.
+    pub(crate) static HANDLING_AGENT: Arc<str>;
+}
+
+fn handling_agent() -> Option<Arc<str>> {
+    HANDLING_AGENT.try_with(Arc::clone).ok()
+}
+
 /// One thing that happened to a message, as an observer sees it.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -70,6 +80,8 @@ pub enum BusEvent<'a> {
         envelope: &'a Envelope,
         /// The group it was delivered in.
         group: &'a str,
+        /// The agent instance (id) that took it, when an agent runtime did.
+        agent: Option<&'a str>,
         /// When, by the bus clock.
         at: DateTime<Utc>,
     },
@@ -82,10 +94,14 @@ pub enum BusEvent<'a> {
         /// Ack, nack or reject.
         settlement: &'a Settlement,
         /// Whether this settlement sent the message to dead letters: every reject, and
-        /// a nack of the last allowed delivery.
+        /// a nack of the last allowed delivery (judged by the `max_deliveries` this
+        /// consumer subscribed with; the group's own setting, fixed by the member that
+        /// created it, wins in the engine if they differ).
         dead_lettered: bool,
         /// How long the consumer held the delivery before settling it.
         held: Duration,
+        /// The agent instance (id) that settled it, when an agent runtime did.
+        agent: Option<&'a str>,
         /// When, by the bus clock.
         at: DateTime<Utc>,
     },
@@ -319,12 +335,14 @@ impl Consumer for ObservedConsumer {
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>> {
         let batch = self.inner.next_batch(max).await?;
         let at = self.observers.clock.now();
+        let agent = handling_agent();
         let mut out = Vec::with_capacity(batch.len());
         for delivery in batch {
             let wrapper = self.wrapper_for(delivery.engine_settler());
             self.observers.emit(&BusEvent::Delivered {
                 envelope: delivery.envelope(),
                 group: delivery.group(),
+                agent: agent.as_deref(),
                 at,
             });
             let delivery = delivery.with_settler(wrapper.clone());
@@ -390,12 +408,14 @@ impl ObservedSettler {
             Settlement::Nack { .. } => entry.envelope.header.attempt >= self.max_deliveries,
             Settlement::Reject { .. } => true,
         };
+        let agent = handling_agent();
         self.observers.emit(&BusEvent::Settled {
             envelope: &entry.envelope,
             group: &entry.group,
             settlement,
             dead_lettered,
             held: entry.since.elapsed(),
+            agent: agent.as_deref(),
             at: self.observers.clock.now(),
         });
     }
@@ -508,6 +528,7 @@ impl BusObserver for MetricsObserver {
                 dead_lettered,
                 held,
                 at,
+                ..
             } => {
                 let group = group.to_string();
                 let name = match settlement {

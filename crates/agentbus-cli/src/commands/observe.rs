@@ -76,7 +76,22 @@ impl ObserveArgs {
         &self,
         transport: Arc<dyn Transport>,
     ) -> anyhow::Result<(Bus, Observing)> {
+        self.bus_with(transport, Vec::new()).await
+    }
+
+    /// Like [`ObserveArgs::bus`], with `extra` observers of the command's own.
+    ///
+    /// # Errors
+    /// As [`ObserveArgs::bus`].
+    pub(crate) async fn bus_with(
+        &self,
+        transport: Arc<dyn Transport>,
+        extra: Vec<Arc<dyn agentbus::BusObserver>>,
+    ) -> anyhow::Result<(Bus, Observing)> {
         let mut builder = Bus::builder(transport.clone());
+        for observer in extra {
+            builder = builder.observer(observer);
+        }
         let mut observing = Observing {
             hold: self.metrics_hold,
             ..Observing::default()

@@ -64,6 +64,9 @@ struct ContextArgs {
     /// directory; read them with `agentbus log --store DIR/<peer>.db`.
     #[arg(long, value_name = "DIR")]
     store_dir: Option<PathBuf>,
+    /// Metrics endpoint, interaction store, audit files, OTLP export, UEBA.
+    #[command(flatten)]
+    observe: crate::commands::observe::ObserveArgs,
 }
 
 /// A task the planner gives a peer.
@@ -129,15 +132,20 @@ pub(crate) async fn run_cli(args: &[String], global: &crate::Global) -> anyhow::
     if parsed.slow > parsed.peers {
         return Err(CliError::usage("--slow cannot be more than --peers").into());
     }
-    let report = run(&parsed, global).await?;
-    if global.json {
+    let (report, observing) = run(&parsed, global).await?;
+    let printed = if global.json {
         output::json_line(&report)
     } else {
         output::line(render(&report))
-    }
+    };
+    observing.finish().await;
+    printed
 }
 
-async fn run(args: &ContextArgs, global: &crate::Global) -> anyhow::Result<ContextDemoReport> {
+async fn run(
+    args: &ContextArgs,
+    global: &crate::Global,
+) -> anyhow::Result<(ContextDemoReport, crate::commands::observe::Observing)> {
     let temp;
     let dir = match &args.store_dir {
         Some(dir) => dir.clone(),
@@ -157,11 +165,15 @@ async fn run(args: &ContextArgs, global: &crate::Global) -> anyhow::Result<Conte
         stores.push(Arc::new(InteractionStore::open(&path)?));
     }
     let transport = crate::backend::open(&global.backend).await?;
-    let mut builder = agentbus::Bus::builder(transport);
-    for (peer, store) in peers.iter().zip(&stores) {
-        builder = builder.observer(Arc::new(AgentHistory::new(peer.clone(), store.clone())));
-    }
-    let bus = builder.build();
+    let histories: Vec<Arc<dyn agentbus::BusObserver>> = peers
+        .iter()
+        .zip(&stores)
+        .map(|(peer, store)| {
+            Arc::new(AgentHistory::new(peer.clone(), store.clone()))
+                as Arc<dyn agentbus::BusObserver>
+        })
+        .collect();
+    let (bus, observing) = args.observe.bus_with(transport, histories).await?;
 
     // Phase 1: the planner works with its peers; each peer's store records it.
     let mut workers = Vec::new();
@@ -247,7 +259,7 @@ async fn run(args: &ContextArgs, global: &crate::Global) -> anyhow::Result<Conte
         .zip(&stores)
         .map(|(p, s)| (p.clone(), s.stats().written))
         .collect();
-    Ok(ContextDemoReport {
+    let report = ContextDemoReport {
         target_agent: PLANNER.into(),
         requester: RECONSTRUCTOR.into(),
         timeout_ms: args.timeout.as_millis(),
@@ -262,7 +274,8 @@ async fn run(args: &ContextArgs, global: &crate::Global) -> anyhow::Result<Conte
         timed_out: result.timed_out,
         items: result.items,
         history_rows,
-    })
+    };
+    Ok((report, observing))
 }
 
 /// A peer doing the planner's tasks: acks each and reports back to the planner.
