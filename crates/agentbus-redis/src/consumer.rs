@@ -11,13 +11,14 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentbus::{
     ChannelName, ChannelPattern, Consumer, DeadLetter, DeadReason, Delivery, Envelope, Error,
-    ErrorKind, MessageId, Settlement, Settler, SubscribeOptions,
+    ErrorKind, Header, MessageId, Settlement, Settler, SubscribeOptions,
 };
 use async_trait::async_trait;
+use bytes::Bytes;
 use chrono::Utc;
 use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
@@ -31,6 +32,11 @@ use crate::{scripts, start_args, Shared};
 /// The longest a waiting consumer blocks before it looks again for new channels,
 /// ack-wait expiries and due redeliveries.
 pub const BLOCK_SLICE: Duration = Duration::from_millis(100);
+
+/// Bounds of how often a busy consumer looks for deliveries whose ack wait expired
+/// (a quarter of the group's ack wait, within these).
+const SCAN_MIN: Duration = Duration::from_millis(10);
+const SCAN_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct InFlight {
@@ -294,6 +300,7 @@ async fn run_take(
     sub: Arc<Sub>,
     channels: Arc<Vec<String>>,
     room: usize,
+    scan_expired: bool,
 ) -> agentbus::Result<TakeResult> {
     let now = millis(Utc::now());
     let mut inv = scripts::TAKE.prepare_invoke();
@@ -303,7 +310,8 @@ async fn run_take(
         .arg(room)
         .arg(now)
         .arg(sub.ack_wait.as_millis() as u64)
-        .arg(sub.max_deliveries);
+        .arg(sub.max_deliveries)
+        .arg(if scan_expired { "1" } else { "0" });
     for channel in channels.iter() {
         inv.arg(channel);
     }
@@ -330,7 +338,7 @@ async fn run_take(
     let mut deliver = Vec::new();
     for item in parts.get(3).map(arr).unwrap_or(&[]) {
         let fields = arr(item);
-        if fields.len() < 6 {
+        if fields.len() < 8 {
             continue;
         }
         let kind = text(&fields[0]);
@@ -338,15 +346,21 @@ async fn run_take(
         let id = text(&fields[2]);
         let count = int(&fields[3]).max(0) as u32;
         let sequence = int(&fields[5]).max(0) as u64;
-        let envelope = match bytes(&fields[4]).map(serde_json::from_slice::<Envelope>) {
-            Some(Ok(envelope)) => envelope,
+        let header = bytes(&fields[4]).map(serde_json::from_slice::<Header>);
+        let channel = ChannelName::new(text(&fields[7]));
+        let envelope = match (header, channel) {
+            (Some(Ok(header)), Ok(channel)) => Envelope {
+                channel,
+                header,
+                payload: Bytes::copy_from_slice(bytes(&fields[6]).unwrap_or_default()),
+            },
             other => {
                 // Not written by agentbus (or damaged): it cannot be delivered or
                 // dead-lettered as an envelope. Ack it away loudly.
                 tracing::error!(
                     stream = %stream, entry = %id,
-                    "dropping a stream entry that is not an agentbus envelope: {:?}",
-                    other.map(|r| r.err())
+                    "dropping a stream entry that is not an agentbus message: {:?}",
+                    other.0.map(|r| r.err())
                 );
                 let mut inv = scripts::SETTLE.prepare_invoke();
                 inv.arg(sub.prefix())
@@ -428,6 +442,8 @@ pub(crate) struct RedisConsumer {
     waiter: Option<MultiplexedConnection>,
     last_ids: Vec<(String, String)>,
     next_due: Option<i64>,
+    /// When the take script last looked for deliveries whose ack wait expired.
+    last_scan: Option<Instant>,
 }
 
 impl fmt::Debug for RedisConsumer {
@@ -507,6 +523,7 @@ impl RedisConsumer {
             waiter: None,
             last_ids: Vec::new(),
             next_due: None,
+            last_scan: None,
         })
     }
 
@@ -615,9 +632,16 @@ impl Consumer for RedisConsumer {
                     }
                     continue;
                 }
+                // Looking for expired deliveries walks the pending list: do it a few
+                // times per ack wait, not on every take of a busy consumer.
+                let interval = (self.sub.ack_wait / 4).clamp(SCAN_MIN, SCAN_MAX);
+                let scan = self.last_scan.is_none_or(|at| at.elapsed() >= interval);
+                if scan {
+                    self.last_scan = Some(Instant::now());
+                }
                 let sub = self.sub.clone();
                 let channels = self.channels.clone();
-                self.take = Some(tokio::spawn(run_take(sub, channels, room)));
+                self.take = Some(tokio::spawn(run_take(sub, channels, room, scan)));
             }
             let Some(handle) = self.take.as_mut() else {
                 continue;
@@ -678,6 +702,8 @@ impl Consumer for RedisConsumer {
                 continue;
             }
             self.last_ids = result.last_ids;
+            // Idle: the next take looks for expired deliveries whatever the interval.
+            self.last_scan = None;
             let shared = self.sub.shared.clone();
             tokio::select! {
                 r = self.wait() => r?,
