@@ -432,9 +432,52 @@ async fn run_take(
     })
 }
 
+/// How long a private group outlives its last sign of life: a process that dies
+/// without unsubscribing leaves a private group behind, which any live consumer
+/// deletes once this lease ran out (so it stops counting as a responder and stops
+/// holding back retention).
+pub(crate) const PRIVATE_LEASE: Duration = Duration::from_secs(30);
+const LEASE_RENEWAL: Duration = Duration::from_secs(10);
+
+/// Renews a private group's lease and sweeps away private groups of dead processes,
+/// until the subscription is dropped.
+async fn keep_alive(
+    sub: Arc<Sub>,
+    ephemeral: bool,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    loop {
+        let mut inv = scripts::ADMIN.prepare_invoke();
+        inv.arg(sub.prefix()).arg("sweep");
+        let swept: redis::RedisResult<i64> = inv.invoke_async(&mut sub.shared.conn()).await;
+        if let Ok(n) = swept.as_ref() {
+            if *n > 0 {
+                tracing::info!("deleted {n} private groups whose processes stopped renewing them");
+            }
+        }
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tokio::time::sleep(LEASE_RENEWAL) => {}
+        }
+        if ephemeral {
+            let mut inv = scripts::ADMIN.prepare_invoke();
+            inv.arg(sub.prefix())
+                .arg("lease")
+                .arg(&*sub.group)
+                .arg(PRIVATE_LEASE.as_millis() as u64);
+            let renewed: redis::RedisResult<i64> = inv.invoke_async(&mut sub.shared.conn()).await;
+            if let Err(e) = renewed {
+                tracing::warn!(group = %sub.group, "could not renew a private group's lease: {e}");
+            }
+        }
+    }
+}
+
 /// A live subscription on Redis.
 pub(crate) struct RedisConsumer {
     sub: Arc<Sub>,
+    /// Dropping it ends the keep-alive task.
+    _keeper: tokio::sync::oneshot::Sender<()>,
     pattern: ChannelPattern,
     channels: Arc<Vec<String>>,
     chver: Option<String>,
@@ -477,7 +520,8 @@ impl RedisConsumer {
             .arg(options.max_deliveries)
             .arg(kind)
             .arg(value)
-            .arg(&consumer);
+            .arg(&consumer)
+            .arg(PRIVATE_LEASE.as_millis() as u64);
         let reply: Value = inv
             .invoke_async(&mut shared.conn())
             .await
@@ -504,18 +548,22 @@ impl RedisConsumer {
             .map(int)
             .filter(|n| *n > 0)
             .map_or(options.max_deliveries, |n| n as u32);
+        let sub = Arc::new(Sub {
+            shared,
+            group: Arc::from(group),
+            consumer,
+            ack_wait,
+            max_deliveries,
+            prefetch: options.prefetch,
+            in_flight: Mutex::new(HashMap::new()),
+            next_token: AtomicU64::new(1),
+            settled: Notify::new(),
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        tokio::spawn(keep_alive(sub.clone(), ephemeral, stopped));
         Ok(RedisConsumer {
-            sub: Arc::new(Sub {
-                shared,
-                group: Arc::from(group),
-                consumer,
-                ack_wait,
-                max_deliveries,
-                prefetch: options.prefetch,
-                in_flight: Mutex::new(HashMap::new()),
-                next_token: AtomicU64::new(1),
-                settled: Notify::new(),
-            }),
+            sub,
+            _keeper: stop,
             pattern: options.pattern,
             channels: Arc::new(Vec::new()),
             chver: None,
