@@ -51,7 +51,7 @@ pub(crate) struct Global {
     /// or postgres://….
     ///
     /// Available in this build: `memory` and `redis://HOST:PORT[/DB][?prefix=NAME]`
-    /// (Redis 7+); the others are recognized and arrive in later
+    /// (Redis 7+; `rediss://` for TLS); the others are recognized and arrive in later
     /// releases. With `memory` the engine lives inside this one agentbus
     /// process: a `pub` in one invocation is not seen by a `sub` in another (the
     /// durable `file:DIR` engine will make that work).

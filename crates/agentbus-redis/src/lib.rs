@@ -71,6 +71,9 @@ pub struct RedisOptions {
     pub reconnect_min_delay: Duration,
     /// The longest reconnect delay.
     pub reconnect_max_delay: Duration,
+    /// For `rediss://`: trust this CA certificate (PEM) instead of the system's and the
+    /// webpki roots, e.g. a private CA or a self-signed test server.
+    pub tls_root_cert: Option<Vec<u8>>,
 }
 
 impl Default for RedisOptions {
@@ -85,6 +88,7 @@ impl Default for RedisOptions {
             reconnect_retries: 6,
             reconnect_min_delay: Duration::from_millis(50),
             reconnect_max_delay: Duration::from_secs(2),
+            tls_root_cert: None,
         }
     }
 }
@@ -105,6 +109,12 @@ impl RedisOptions {
     /// Sets the response timeout of one command.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
+        self
+    }
+
+    /// Trusts `pem` (a CA certificate) for `rediss://` instead of the usual roots.
+    pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_root_cert = Some(pem.into());
         self
     }
 
@@ -214,8 +224,9 @@ fn display_url(url: &str) -> String {
 }
 
 impl RedisTransport {
-    /// Connects to the server at `url` (`redis://host:port/db`, `rediss://…` for TLS
-    /// when built with TLS support; a `prefix=NAME` query parameter, as in
+    /// Connects to the server at `url` (`redis://host:port/db`; `rediss://…` for TLS,
+    /// verified against the system's roots or [`RedisOptions::tls_root_cert`]; a
+    /// `prefix=NAME` query parameter, as in
     /// `redis://host:6379/0?prefix=bus1`, overrides the key prefix), checks that it speaks Redis 7 or later and loads
     /// the scripts.
     ///
@@ -244,7 +255,22 @@ impl RedisTransport {
                 ),
             ));
         }
-        let client = redis::Client::open(url).map_err(|e| {
+        if url.starts_with("rediss://") {
+            // One crypto provider is compiled in (ring); make it the process default
+            // (a no-op when one is installed already).
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = match &options.tls_root_cert {
+            Some(pem) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            None => redis::Client::open(url),
+        }
+        .map_err(|e| {
             Error::new(
                 ErrorKind::InvalidInput,
                 format!(
