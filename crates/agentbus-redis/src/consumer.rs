@@ -26,7 +26,7 @@ use redis::{AsyncConnectionConfig, Value};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::util::{arr, bytes, int, millis, text};
+use crate::util::{arr, bytes, int, lua_ms, millis, text};
 use crate::{scripts, start_args, Shared};
 
 /// The longest a waiting consumer blocks before it looks again for new channels,
@@ -193,7 +193,7 @@ impl Settler for Sub {
                         Err(already_settled("the group no longer holds it unsettled"))
                     };
                 }
-                let due = millis(Utc::now()) + delay.as_millis().min(i64::MAX as u128 / 2) as i64;
+                let due = millis(Utc::now()) + lua_ms(delay) as i64;
                 let mut inv = scripts::SETTLE.prepare_invoke();
                 inv.arg(self.prefix())
                     .arg(&*self.group)
@@ -309,7 +309,7 @@ async fn run_take(
         .arg(&sub.consumer)
         .arg(room)
         .arg(now)
-        .arg(sub.ack_wait.as_millis() as u64)
+        .arg(lua_ms(sub.ack_wait))
         .arg(sub.max_deliveries)
         .arg(if scan_expired { "1" } else { "0" });
     for channel in channels.iter() {
@@ -516,7 +516,7 @@ impl RedisConsumer {
             .arg(&group)
             .arg(options.pattern.as_str())
             .arg(if ephemeral { "1" } else { "0" })
-            .arg(options.ack_wait.as_millis() as u64)
+            .arg(lua_ms(options.ack_wait))
             .arg(options.max_deliveries)
             .arg(kind)
             .arg(value)

@@ -48,7 +48,7 @@ use redis::Value;
 use tokio::sync::Notify;
 
 use crate::consumer::RedisConsumer;
-use crate::util::{arr, backend_error, int, millis, str_of, text, value_map};
+use crate::util::{arr, backend_error, int, lua_ms, millis, str_of, text, value_map};
 
 pub use crate::consumer::BLOCK_SLICE;
 
@@ -637,7 +637,7 @@ fn glob_escape(s: &str) -> String {
 }
 
 fn opt_ms(d: Option<Duration>) -> String {
-    d.map_or(String::new(), |d| d.as_millis().to_string())
+    d.map_or(String::new(), |d| lua_ms(d).to_string())
 }
 
 fn opt_u64(n: Option<u64>) -> String {
@@ -702,7 +702,7 @@ impl Transport for RedisTransport {
                 Discard::RejectNew => "reject_new",
                 Discard::DropOldest => "drop_oldest",
             },
-            "dedup": config.dedup_window.as_millis().to_string(),
+            "dedup": lua_ms(config.dedup_window).to_string(),
         })
         .to_string();
         self.admin("configure", &[pattern.as_str(), &json]).await?;

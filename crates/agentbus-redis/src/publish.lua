@@ -69,7 +69,7 @@ local function state(ch)
   if st.max_age then
     local t = redis.call('TIME')
     local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - st.max_age
-    for l = 0, 3 do
+    for l = 0, (cutoff > 1 and 3 or -1) do
       local sk = skey(ch, l)
       local floors = group_floors(sk)
       while true do

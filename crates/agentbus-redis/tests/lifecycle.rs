@@ -53,3 +53,47 @@ async fn a_private_group_whose_lease_ran_out_is_swept() {
     std::mem::forget(private); // the "dead" subscription must not hand anything back
     transport.delete_everything().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_durations_are_accepted_and_mean_never() {
+    use agentbus::ChannelConfig;
+    let prefix = format!("ablife-{:012x}", fastrand::u64(..1 << 48));
+    let transport = RedisTransport::connect(&url(), RedisOptions::default().prefix(&prefix))
+        .await
+        .unwrap();
+    let channel = ChannelName::new("life.huge").unwrap();
+    transport
+        .configure_channels(
+            ChannelPattern::from(channel.clone()),
+            ChannelConfig {
+                max_age: Some(Duration::MAX),
+                dedup_window: Duration::MAX,
+                ..ChannelConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut consumer = transport
+        .subscribe(
+            SubscribeOptions::new(ChannelPattern::from(channel.clone()))
+                .group("huge")
+                .ack_wait(Duration::MAX),
+        )
+        .await
+        .unwrap();
+    let receipt = transport
+        .publish(Envelope::new(channel.clone(), "k", &b"{}"[..]))
+        .await
+        .unwrap();
+    assert!(!receipt.duplicate);
+    let got = tokio::time::timeout(Duration::from_secs(10), consumer.next_batch(1))
+        .await
+        .unwrap()
+        .unwrap();
+    got[0]
+        .nack(Duration::MAX, Some("later".into()))
+        .await
+        .unwrap();
+    drop(consumer);
+    transport.delete_everything().await.unwrap();
+}
