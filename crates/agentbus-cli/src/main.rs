@@ -53,7 +53,7 @@ pub(crate) struct Global {
     /// or postgres://….
     ///
     /// Available in this build: `memory`, `file:DIR`,
-    /// `redis://HOST:PORT[/DB][?prefix=NAME]` (Redis 7+) and `nats://HOST:PORT[?…]`
+    /// `redis://HOST:PORT[/DB][?prefix=NAME]` (Redis 7+; `rediss://` for TLS) and `nats://HOST:PORT[?…]`
     /// (JetStream; see docs/NATS.md for the query options); the others are recognized and
     /// arrive in later releases. With `memory` the engine lives inside this one agentbus
     /// process: a `pub` in one invocation is not seen by a `sub` in another. `file:DIR`

@@ -4,6 +4,8 @@
 --   delete: group -> 1, or 0 when there is no such group
 --   configure: pattern, json
 --   error: group, stream, id -> the last error recorded for an entry, or false
+--   lease: group, ms -> renews a private group's lease; 0 when the group is gone
+--   sweep: -> deletes private groups whose lease ran out (their process died)
 local op = ARGV[2]
 local function destroy(g)
   local pattern = redis.call('HGET', P .. ':groups', g)
@@ -15,7 +17,7 @@ local function destroy(g)
     end
   end
   redis.call('HDEL', P .. ':groups', g)
-  redis.call('DEL', gkey(g), schedkey(g), errkey(g), memkey(g))
+  redis.call('DEL', gkey(g), schedkey(g), errkey(g), memkey(g), P .. ':gl:' .. g)
   return 1
 end
 if op == 'leave' then
@@ -60,5 +62,20 @@ if op == 'configure' then
 end
 if op == 'error' then
   return redis.call('HGET', errkey(ARGV[3]), ARGV[4] .. '|' .. ARGV[5])
+end
+if op == 'lease' then
+  if redis.call('HEXISTS', P .. ':groups', ARGV[3]) == 0 then return 0 end
+  redis.call('SET', P .. ':gl:' .. ARGV[3], '1', 'PX', ARGV[4])
+  return 1
+end
+if op == 'sweep' then
+  local swept = 0
+  local groups = redis.call('HKEYS', P .. ':groups')
+  for _, g in ipairs(groups) do
+    if redis.call('HGET', gkey(g), 'ephemeral') == '1' and redis.call('EXISTS', P .. ':gl:' .. g) == 0 then
+      swept = swept + destroy(g)
+    end
+  end
+  return swept
 end
 return redis.error_reply('unknown admin op ' .. op)

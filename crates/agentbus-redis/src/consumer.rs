@@ -11,13 +11,14 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentbus::{
     ChannelName, ChannelPattern, Consumer, DeadLetter, DeadReason, Delivery, Envelope, Error,
-    ErrorKind, MessageId, Settlement, Settler, SubscribeOptions,
+    ErrorKind, Header, MessageId, Settlement, Settler, SubscribeOptions,
 };
 use async_trait::async_trait;
+use bytes::Bytes;
 use chrono::Utc;
 use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
@@ -25,12 +26,17 @@ use redis::{AsyncConnectionConfig, Value};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::util::{arr, bytes, int, millis, text};
+use crate::util::{arr, bytes, int, lua_ms, millis, text};
 use crate::{scripts, start_args, Shared};
 
 /// The longest a waiting consumer blocks before it looks again for new channels,
 /// ack-wait expiries and due redeliveries.
 pub const BLOCK_SLICE: Duration = Duration::from_millis(100);
+
+/// Bounds of how often a busy consumer looks for deliveries whose ack wait expired
+/// (a quarter of the group's ack wait, within these).
+const SCAN_MIN: Duration = Duration::from_millis(10);
+const SCAN_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct InFlight {
@@ -187,7 +193,7 @@ impl Settler for Sub {
                         Err(already_settled("the group no longer holds it unsettled"))
                     };
                 }
-                let due = millis(Utc::now()) + delay.as_millis().min(i64::MAX as u128 / 2) as i64;
+                let due = millis(Utc::now()) + lua_ms(delay) as i64;
                 let mut inv = scripts::SETTLE.prepare_invoke();
                 inv.arg(self.prefix())
                     .arg(&*self.group)
@@ -294,6 +300,7 @@ async fn run_take(
     sub: Arc<Sub>,
     channels: Arc<Vec<String>>,
     room: usize,
+    scan_expired: bool,
 ) -> agentbus::Result<TakeResult> {
     let now = millis(Utc::now());
     let mut inv = scripts::TAKE.prepare_invoke();
@@ -302,8 +309,9 @@ async fn run_take(
         .arg(&sub.consumer)
         .arg(room)
         .arg(now)
-        .arg(sub.ack_wait.as_millis() as u64)
-        .arg(sub.max_deliveries);
+        .arg(lua_ms(sub.ack_wait))
+        .arg(sub.max_deliveries)
+        .arg(if scan_expired { "1" } else { "0" });
     for channel in channels.iter() {
         inv.arg(channel);
     }
@@ -330,7 +338,7 @@ async fn run_take(
     let mut deliver = Vec::new();
     for item in parts.get(3).map(arr).unwrap_or(&[]) {
         let fields = arr(item);
-        if fields.len() < 6 {
+        if fields.len() < 8 {
             continue;
         }
         let kind = text(&fields[0]);
@@ -338,15 +346,21 @@ async fn run_take(
         let id = text(&fields[2]);
         let count = int(&fields[3]).max(0) as u32;
         let sequence = int(&fields[5]).max(0) as u64;
-        let envelope = match bytes(&fields[4]).map(serde_json::from_slice::<Envelope>) {
-            Some(Ok(envelope)) => envelope,
+        let header = bytes(&fields[4]).map(serde_json::from_slice::<Header>);
+        let channel = ChannelName::new(text(&fields[7]));
+        let envelope = match (header, channel) {
+            (Some(Ok(header)), Ok(channel)) => Envelope {
+                channel,
+                header,
+                payload: Bytes::copy_from_slice(bytes(&fields[6]).unwrap_or_default()),
+            },
             other => {
                 // Not written by agentbus (or damaged): it cannot be delivered or
                 // dead-lettered as an envelope. Ack it away loudly.
                 tracing::error!(
                     stream = %stream, entry = %id,
-                    "dropping a stream entry that is not an agentbus envelope: {:?}",
-                    other.map(|r| r.err())
+                    "dropping a stream entry that is not an agentbus message: {:?}",
+                    other.0.map(|r| r.err())
                 );
                 let mut inv = scripts::SETTLE.prepare_invoke();
                 inv.arg(sub.prefix())
@@ -418,9 +432,52 @@ async fn run_take(
     })
 }
 
+/// How long a private group outlives its last sign of life: a process that dies
+/// without unsubscribing leaves a private group behind, which any live consumer
+/// deletes once this lease ran out (so it stops counting as a responder and stops
+/// holding back retention).
+pub(crate) const PRIVATE_LEASE: Duration = Duration::from_secs(30);
+const LEASE_RENEWAL: Duration = Duration::from_secs(10);
+
+/// Renews a private group's lease and sweeps away private groups of dead processes,
+/// until the subscription is dropped.
+async fn keep_alive(
+    sub: Arc<Sub>,
+    ephemeral: bool,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    loop {
+        let mut inv = scripts::ADMIN.prepare_invoke();
+        inv.arg(sub.prefix()).arg("sweep");
+        let swept: redis::RedisResult<i64> = inv.invoke_async(&mut sub.shared.conn()).await;
+        if let Ok(n) = swept.as_ref() {
+            if *n > 0 {
+                tracing::info!("deleted {n} private groups whose processes stopped renewing them");
+            }
+        }
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tokio::time::sleep(LEASE_RENEWAL) => {}
+        }
+        if ephemeral {
+            let mut inv = scripts::ADMIN.prepare_invoke();
+            inv.arg(sub.prefix())
+                .arg("lease")
+                .arg(&*sub.group)
+                .arg(PRIVATE_LEASE.as_millis() as u64);
+            let renewed: redis::RedisResult<i64> = inv.invoke_async(&mut sub.shared.conn()).await;
+            if let Err(e) = renewed {
+                tracing::warn!(group = %sub.group, "could not renew a private group's lease: {e}");
+            }
+        }
+    }
+}
+
 /// A live subscription on Redis.
 pub(crate) struct RedisConsumer {
     sub: Arc<Sub>,
+    /// Dropping it ends the keep-alive task.
+    _keeper: tokio::sync::oneshot::Sender<()>,
     pattern: ChannelPattern,
     channels: Arc<Vec<String>>,
     chver: Option<String>,
@@ -428,6 +485,8 @@ pub(crate) struct RedisConsumer {
     waiter: Option<MultiplexedConnection>,
     last_ids: Vec<(String, String)>,
     next_due: Option<i64>,
+    /// When the take script last looked for deliveries whose ack wait expired.
+    last_scan: Option<Instant>,
 }
 
 impl fmt::Debug for RedisConsumer {
@@ -457,11 +516,12 @@ impl RedisConsumer {
             .arg(&group)
             .arg(options.pattern.as_str())
             .arg(if ephemeral { "1" } else { "0" })
-            .arg(options.ack_wait.as_millis() as u64)
+            .arg(lua_ms(options.ack_wait))
             .arg(options.max_deliveries)
             .arg(kind)
             .arg(value)
-            .arg(&consumer);
+            .arg(&consumer)
+            .arg(PRIVATE_LEASE.as_millis() as u64);
         let reply: Value = inv
             .invoke_async(&mut shared.conn())
             .await
@@ -488,18 +548,22 @@ impl RedisConsumer {
             .map(int)
             .filter(|n| *n > 0)
             .map_or(options.max_deliveries, |n| n as u32);
+        let sub = Arc::new(Sub {
+            shared,
+            group: Arc::from(group),
+            consumer,
+            ack_wait,
+            max_deliveries,
+            prefetch: options.prefetch,
+            in_flight: Mutex::new(HashMap::new()),
+            next_token: AtomicU64::new(1),
+            settled: Notify::new(),
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        tokio::spawn(keep_alive(sub.clone(), ephemeral, stopped));
         Ok(RedisConsumer {
-            sub: Arc::new(Sub {
-                shared,
-                group: Arc::from(group),
-                consumer,
-                ack_wait,
-                max_deliveries,
-                prefetch: options.prefetch,
-                in_flight: Mutex::new(HashMap::new()),
-                next_token: AtomicU64::new(1),
-                settled: Notify::new(),
-            }),
+            sub,
+            _keeper: stop,
             pattern: options.pattern,
             channels: Arc::new(Vec::new()),
             chver: None,
@@ -507,6 +571,7 @@ impl RedisConsumer {
             waiter: None,
             last_ids: Vec::new(),
             next_due: None,
+            last_scan: None,
         })
     }
 
@@ -615,9 +680,16 @@ impl Consumer for RedisConsumer {
                     }
                     continue;
                 }
+                // Looking for expired deliveries walks the pending list: do it a few
+                // times per ack wait, not on every take of a busy consumer.
+                let interval = (self.sub.ack_wait / 4).clamp(SCAN_MIN, SCAN_MAX);
+                let scan = self.last_scan.is_none_or(|at| at.elapsed() >= interval);
+                if scan {
+                    self.last_scan = Some(Instant::now());
+                }
                 let sub = self.sub.clone();
                 let channels = self.channels.clone();
-                self.take = Some(tokio::spawn(run_take(sub, channels, room)));
+                self.take = Some(tokio::spawn(run_take(sub, channels, room, scan)));
             }
             let Some(handle) = self.take.as_mut() else {
                 continue;
@@ -678,6 +750,8 @@ impl Consumer for RedisConsumer {
                 continue;
             }
             self.last_ids = result.last_ids;
+            // Idle: the next take looks for expired deliveries whatever the interval.
+            self.last_scan = None;
             let shared = self.sub.shared.clone();
             tokio::select! {
                 r = self.wait() => r?,

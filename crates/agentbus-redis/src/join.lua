@@ -1,5 +1,5 @@
 -- join: ARGV = prefix, group, pattern, ephemeral(0|1), ack_wait_ms, max_deliveries,
---              start kind (new|earliest|time|seq), start value, consumer
+--              start kind (new|earliest|time|seq), start value, consumer, lease_ms
 local g, pattern, eph, aw, md, kind, val, consumer =
   ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local existing = redis.call('HGET', P .. ':groups', g)
@@ -43,5 +43,6 @@ else
   end
 end
 redis.call('SADD', memkey(g), consumer)
+if eph == '1' then redis.call('SET', P .. ':gl:' .. g, consumer, 'PX', ARGV[10]) end
 local s = redis.call('HMGET', gkey(g), 'ack_wait', 'max_deliveries')
 return {'ok', s[1], s[2]}

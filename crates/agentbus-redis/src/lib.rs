@@ -48,7 +48,7 @@ use redis::Value;
 use tokio::sync::Notify;
 
 use crate::consumer::RedisConsumer;
-use crate::util::{arr, backend_error, int, millis, str_of, text, value_map};
+use crate::util::{arr, backend_error, int, lua_ms, millis, str_of, text, value_map};
 
 pub use crate::consumer::BLOCK_SLICE;
 
@@ -71,6 +71,9 @@ pub struct RedisOptions {
     pub reconnect_min_delay: Duration,
     /// The longest reconnect delay.
     pub reconnect_max_delay: Duration,
+    /// For `rediss://`: trust this CA certificate (PEM) instead of the system's and the
+    /// webpki roots, e.g. a private CA or a self-signed test server.
+    pub tls_root_cert: Option<Vec<u8>>,
 }
 
 impl Default for RedisOptions {
@@ -85,6 +88,7 @@ impl Default for RedisOptions {
             reconnect_retries: 6,
             reconnect_min_delay: Duration::from_millis(50),
             reconnect_max_delay: Duration::from_secs(2),
+            tls_root_cert: None,
         }
     }
 }
@@ -105,6 +109,12 @@ impl RedisOptions {
     /// Sets the response timeout of one command.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
+        self
+    }
+
+    /// Trusts `pem` (a CA certificate) for `rediss://` instead of the usual roots.
+    pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_root_cert = Some(pem.into());
         self
     }
 
@@ -214,8 +224,9 @@ fn display_url(url: &str) -> String {
 }
 
 impl RedisTransport {
-    /// Connects to the server at `url` (`redis://host:port/db`, `rediss://…` for TLS
-    /// when built with TLS support; a `prefix=NAME` query parameter, as in
+    /// Connects to the server at `url` (`redis://host:port/db`; `rediss://…` for TLS,
+    /// verified against the system's roots or [`RedisOptions::tls_root_cert`]; a
+    /// `prefix=NAME` query parameter, as in
     /// `redis://host:6379/0?prefix=bus1`, overrides the key prefix), checks that it speaks Redis 7 or later and loads
     /// the scripts.
     ///
@@ -244,7 +255,22 @@ impl RedisTransport {
                 ),
             ));
         }
-        let client = redis::Client::open(url).map_err(|e| {
+        if url.starts_with("rediss://") {
+            // One crypto provider is compiled in (ring); make it the process default
+            // (a no-op when one is installed already).
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = match &options.tls_root_cert {
+            Some(pem) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            None => redis::Client::open(url),
+        }
+        .map_err(|e| {
             Error::new(
                 ErrorKind::InvalidInput,
                 format!(
@@ -339,6 +365,81 @@ impl RedisTransport {
         delete_prefix(&mut self.shared.conn(), self.prefix())
             .await
             .map_err(|e| self.shared.err("SCAN/UNLINK", e))
+    }
+
+    /// Stores envelopes with one script call; one result per envelope, in order.
+    async fn publish_many(
+        &self,
+        envelopes: Vec<Envelope>,
+    ) -> Vec<agentbus::Result<PublishReceipt>> {
+        if let Err(e) = self.shared.check_open() {
+            let (kind, message) = (e.kind(), e.message().to_string());
+            return envelopes
+                .iter()
+                .map(|_| Err(Error::new(kind, message.clone())))
+                .collect();
+        }
+        let now = Utc::now();
+        let mut results: Vec<Option<agentbus::Result<PublishReceipt>>> =
+            Vec::with_capacity(envelopes.len());
+        let mut sent: Vec<(usize, MessageId, ChannelName)> = Vec::new();
+        let mut inv = scripts::PUBLISH.prepare_invoke();
+        inv.arg(self.prefix()).arg(millis(now));
+        for mut envelope in envelopes {
+            if let Err(e) = self.shared.limits.check(&envelope, now) {
+                results.push(Some(Err(e)));
+                continue;
+            }
+            envelope.header.attempt = 1;
+            let header = match serde_json::to_vec(&envelope.header) {
+                Ok(h) => h,
+                Err(e) => {
+                    results.push(Some(Err(Error::new(
+                        ErrorKind::Internal,
+                        format!("could not encode a message header for redis: {e}"),
+                    ))));
+                    continue;
+                }
+            };
+            let stamp = |t: Option<chrono::DateTime<Utc>>| {
+                t.map_or(String::new(), |t| millis(t).to_string())
+            };
+            inv.arg(envelope.channel.as_str())
+                .arg(envelope.header.priority.as_u8().saturating_sub(1))
+                .arg(header)
+                .arg(envelope.header.id.to_string())
+                .arg(envelope.size_bytes())
+                .arg(stamp(envelope.header.deadline))
+                .arg(stamp(envelope.header.not_before))
+                .arg(envelope.payload.as_ref());
+            sent.push((results.len(), envelope.header.id, envelope.channel));
+            results.push(None);
+        }
+        if !sent.is_empty() {
+            let reply: redis::RedisResult<Value> = inv.invoke_async(&mut self.shared.conn()).await;
+            match reply {
+                Ok(reply) => {
+                    let replies = arr(&reply);
+                    for (i, (slot, id, channel)) in sent.into_iter().enumerate() {
+                        results[slot] = Some(receipt(replies.get(i), id, channel));
+                    }
+                }
+                Err(e) => {
+                    let error = self.shared.err("publish", e);
+                    for (slot, _, channel) in sent {
+                        results[slot] = Some(Err(Error::new(error.kind(), error.message())
+                            .with_context("channel", channel)
+                            .set_temporary(error.is_temporary())));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "a publish got no result")))
+            })
+            .collect()
     }
 
     async fn admin(&self, op: &str, args: &[&str]) -> agentbus::Result<Value> {
@@ -484,6 +585,46 @@ pub async fn delete_prefix(
     }
 }
 
+/// How many envelopes one publish script call stores.
+const PUBLISH_CHUNK: usize = 256;
+
+/// Turns one reply of the publish script into a receipt or an error.
+fn receipt(
+    reply: Option<&Value>,
+    id: MessageId,
+    channel: ChannelName,
+) -> agentbus::Result<PublishReceipt> {
+    let parts = reply.map(arr).unwrap_or(&[]);
+    let status = parts.first().map_or(-2, int);
+    match status {
+        0 | 1 => Ok(PublishReceipt {
+            id,
+            channel,
+            sequence: parts.get(1).map_or(0, int) as u64,
+            duplicate: status == 1,
+            groups: parts.get(2).map_or(0, int) as usize,
+        }),
+        -1 => Err(Error::new(
+            ErrorKind::Full,
+            format!(
+                "channel '{channel}' is full ({} messages, {} bytes unconsumed; limits: {} \
+                 messages, {} bytes): consumers are behind; retry later, add consumers, or \
+                 configure larger limits or discard = drop_oldest",
+                parts.get(1).map_or(0, int),
+                parts.get(2).map_or(0, int),
+                parts.get(3).map_or_else(|| "none".into(), str_of),
+                parts.get(4).map_or_else(|| "none".into(), str_of),
+            ),
+        )
+        .with_context("channel", &channel)
+        .set_temporary(true)),
+        _ => Err(Error::new(
+            ErrorKind::Internal,
+            format!("the publish script answered {reply:?}; this is a bug in agentbus-redis"),
+        )),
+    }
+}
+
 fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -496,7 +637,7 @@ fn glob_escape(s: &str) -> String {
 }
 
 fn opt_ms(d: Option<Duration>) -> String {
-    d.map_or(String::new(), |d| d.as_millis().to_string())
+    d.map_or(String::new(), |d| lua_ms(d).to_string())
 }
 
 fn opt_u64(n: Option<u64>) -> String {
@@ -513,87 +654,30 @@ impl Transport for RedisTransport {
         Capabilities::ALL
     }
 
-    async fn publish(&self, mut envelope: Envelope) -> agentbus::Result<PublishReceipt> {
-        self.shared.check_open()?;
-        let now = Utc::now();
-        self.shared.limits.check(&envelope, now)?;
-        envelope.header.attempt = 1;
-        let lane = envelope.header.priority.as_u8().saturating_sub(1);
-        let size = envelope.size_bytes();
-        let json = serde_json::to_vec(&envelope).map_err(|e| {
-            Error::new(
-                ErrorKind::Internal,
-                format!("could not encode an envelope for redis: {e}"),
-            )
-        })?;
-        let id = envelope.header.id;
-        let channel = envelope.channel;
-        let mut inv = scripts::PUBLISH.prepare_invoke();
-        inv.arg(self.prefix())
-            .arg(channel.as_str())
-            .arg(lane)
-            .arg(json)
-            .arg(id.to_string())
-            .arg(size)
-            .arg(
-                envelope
-                    .header
-                    .deadline
-                    .map_or(String::new(), |d| millis(d).to_string()),
-            )
-            .arg(
-                envelope
-                    .header
-                    .not_before
-                    .map_or(String::new(), |d| millis(d).to_string()),
-            )
-            .arg(millis(now));
-        let reply: Value = inv
-            .invoke_async(&mut self.shared.conn())
+    async fn publish(&self, envelope: Envelope) -> agentbus::Result<PublishReceipt> {
+        self.publish_many(vec![envelope])
             .await
-            .map_err(|e| {
-                self.shared
-                    .err("publish", e)
-                    .with_context("channel", &channel)
-            })?;
-        let parts = arr(&reply);
-        let status = parts.first().map_or(-2, int);
-        match status {
-            0 | 1 => Ok(PublishReceipt {
-                id,
-                channel,
-                sequence: parts.get(1).map_or(0, int) as u64,
-                duplicate: status == 1,
-                groups: parts.get(2).map_or(0, int) as usize,
-            }),
-            -1 => Err(Error::new(
-                ErrorKind::Full,
-                format!(
-                    "channel '{channel}' is full ({} messages, {} bytes unconsumed; limits: {} \
-                     messages, {} bytes): consumers are behind; retry later, add consumers, or \
-                     configure larger limits or discard = drop_oldest",
-                    parts.get(1).map_or(0, int),
-                    parts.get(2).map_or(0, int),
-                    parts.get(3).map_or_else(|| "none".into(), str_of),
-                    parts.get(4).map_or_else(|| "none".into(), str_of),
-                ),
-            )
-            .with_context("channel", &channel)
-            .set_temporary(true)),
-            _ => Err(Error::new(
-                ErrorKind::Internal,
-                format!("the publish script answered {reply:?}; this is a bug in agentbus-redis"),
-            )),
-        }
+            .pop()
+            .unwrap_or_else(|| {
+                Err(Error::new(
+                    ErrorKind::Internal,
+                    "the publish script gave no receipt; this is a bug in agentbus-redis",
+                ))
+            })
     }
 
     async fn publish_batch(
         &self,
         envelopes: Vec<Envelope>,
     ) -> Vec<agentbus::Result<PublishReceipt>> {
-        // The connection is multiplexed: issuing every publish before awaiting any
-        // pipelines them in one write, in order.
-        futures::future::join_all(envelopes.into_iter().map(|e| self.publish(e))).await
+        // One script call per chunk: the server stores the chunk atomically, in order.
+        let mut results = Vec::with_capacity(envelopes.len());
+        let mut envelopes = envelopes.into_iter().peekable();
+        while envelopes.peek().is_some() {
+            let chunk: Vec<Envelope> = envelopes.by_ref().take(PUBLISH_CHUNK).collect();
+            results.extend(self.publish_many(chunk).await);
+        }
+        results
     }
 
     async fn subscribe(&self, options: SubscribeOptions) -> agentbus::Result<Box<dyn Consumer>> {
@@ -618,7 +702,7 @@ impl Transport for RedisTransport {
                 Discard::RejectNew => "reject_new",
                 Discard::DropOldest => "drop_oldest",
             },
-            "dedup": config.dedup_window.as_millis().to_string(),
+            "dedup": lua_ms(config.dedup_window).to_string(),
         })
         .to_string();
         self.admin("configure", &[pattern.as_str(), &json]).await?;
@@ -720,10 +804,8 @@ impl Transport for RedisTransport {
             };
             let mut pipe = redis::pipe();
             pipe.cmd("HMGET").arg(format!("{p}:c:{name}")).arg(&[
-                "seq",
-                "published",
-                "dropped",
-                "bytes",
+                "seq", "seq", // published = seq: duplicates and refusals take none
+                "dropped", "bytes",
             ]);
             for lane in 0..4 {
                 pipe.cmd("XLEN").arg(format!("{p}:s:{name}:{lane}"));

@@ -1,17 +1,16 @@
--- publish: ARGV = prefix, channel, lane, envelope, id, size, deadline_ms|'', not_before_ms|'', now_ms
-local ch, lane, env, id = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local size = tonumber(ARGV[6])
-local dl, nb = ARGV[7], ARGV[8]
-local ck = ckey(ch)
-local ddk = P .. ':dd:' .. id
+-- publish: ARGV = prefix, now_ms, then 8 per message: channel, lane, header json, id, size,
+--          deadline_ms|'', not_before_ms|'', payload. One reply per message:
+--          {0, seq, groups} stored, {1, seq, groups} duplicate, {-1, messages, bytes,
+--          max_messages, max_bytes} full.
+-- A channel's settings and counters are read once per call and written back at the end
+-- (the script is atomic, so nobody sees them in between).
 
-local seen = redis.call('GET', ddk)
-if seen then
-  local sep = string.find(seen, ':', 1, true)
-  return {1, tonumber(string.sub(seen, 1, sep - 1)), tonumber(string.sub(seen, sep + 1))}
-end
+local FIELDS = {'max_age', 'max_bytes', 'max_messages', 'discard', 'dedup', 'count', 'bytes', 'seq'}
+local states = {}
+local touched = {}
 
-if redis.call('SADD', P .. ':channels', ch) == 1 then
+local function create_channel(ch, ck)
+  redis.call('SADD', P .. ':channels', ch)
   redis.call('INCR', P .. ':chver')
   -- Storage settings: the latest configure_channels whose pattern matches, else defaults.
   local cfgs = redis.call('LRANGE', P .. ':cfg', 0, -1)
@@ -39,93 +38,132 @@ if redis.call('SADD', P .. ':channels', ch) == 1 then
   end
 end
 
-local cfg = redis.call('HMGET', ck, 'max_age', 'max_bytes', 'max_messages', 'discard', 'dedup')
-local max_age, max_bytes, max_msgs = tonumber(cfg[1]), tonumber(cfg[2]), tonumber(cfg[3])
-local discard, dedup = cfg[4], tonumber(cfg[5])
-
-local function remove(sk, eid, fields, floors)
-  redis.call('XDEL', sk, eid)
-  redis.call('HINCRBY', ck, 'bytes', -(tonumber(entry_field(fields, 'z')) or 0))
-  if not settled(floors, eid) then redis.call('HINCRBY', ck, 'dropped', 1) end
+local function remove(st, sk, eid, fields, floors)
+  if redis.call('XDEL', sk, eid) == 0 then return end
+  st.count = st.count - 1
+  st.bytes = st.bytes - (tonumber(entry_field(fields, 'z')) or 0)
+  if not settled(floors, eid) then st.dropped = st.dropped + 1 end
 end
 
--- Age limit: entries stored before now - max_age go, counted as dropped if unread.
-if max_age then
-  local t = redis.call('TIME')
-  local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - max_age
-  for l = 0, 3 do
-    local sk = skey(ch, l)
-    local floors = group_floors(sk)
-    while true do
-      local old = redis.call('XRANGE', sk, '-', num(cutoff - 1), 'COUNT', 100)
-      if #old == 0 then break end
-      for _, e in ipairs(old) do remove(sk, e[1], e[2], floors) end
-    end
+local function state(ch)
+  local st = states[ch]
+  if st then return st end
+  local ck = ckey(ch)
+  local cfg = redis.call('HMGET', ck, unpack(FIELDS))
+  if not cfg[4] then
+    create_channel(ch, ck)
+    cfg = redis.call('HMGET', ck, unpack(FIELDS))
   end
-end
-
-local function count()
-  local n = 0
-  for l = 0, 3 do n = n + redis.call('XLEN', skey(ch, l)) end
-  return n
-end
-local function over()
-  local b = tonumber(redis.call('HGET', ck, 'bytes') or '0')
-  return (max_msgs ~= nil and count() + 1 > max_msgs) or (max_bytes ~= nil and b + size > max_bytes)
-end
-
-if over() then
-  -- First what every group has settled (nothing when no group reads the channel).
-  local floors_by_lane = {}
-  for l = 0, 3 do
-    local sk = skey(ch, l)
-    local floors = group_floors(sk)
-    floors_by_lane[l] = floors
-    if floors then
-      local done = false
-      while not done do
-        local batch = redis.call('XRANGE', sk, '-', '+', 'COUNT', 100)
-        if #batch == 0 then break end
-        for _, e in ipairs(batch) do
-          if settled(floors, e[1]) then remove(sk, e[1], e[2], floors) else done = true break end
-        end
+  st = {
+    ck = ck,
+    max_age = tonumber(cfg[1]), max_bytes = tonumber(cfg[2]), max_msgs = tonumber(cfg[3]),
+    raw_max_bytes = cfg[2] or '', raw_max_msgs = cfg[3] or '',
+    discard = cfg[4], dedup = tonumber(cfg[5]),
+    count = tonumber(cfg[6] or '0'), bytes = tonumber(cfg[7] or '0'), seq = tonumber(cfg[8] or '0'),
+    dropped = 0,
+    ngroups = redis.call('SCARD', cgkey(ch)),
+  }
+  states[ch] = st
+  touched[#touched + 1] = ch
+  -- Age limit: entries stored before now - max_age go, counted as dropped if unread.
+  if st.max_age then
+    local t = redis.call('TIME')
+    local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - st.max_age
+    for l = 0, (cutoff > 1 and 3 or -1) do
+      local sk = skey(ch, l)
+      local floors = group_floors(sk)
+      while true do
+        local old = redis.call('XRANGE', sk, '-', num(cutoff - 1), 'COUNT', 100)
+        if #old == 0 then break end
+        for _, e in ipairs(old) do remove(st, sk, e[1], e[2], floors) end
       end
     end
   end
-  while over() do
-    if discard == 'drop_oldest' then
-      local best = nil
-      for l = 0, 3 do
-        local first = redis.call('XRANGE', skey(ch, l), '-', '+', 'COUNT', 1)
-        if #first > 0 then
-          local q = tonumber(entry_field(first[1][2], 'q'))
-          if best == nil or q < best.q then best = {q = q, lane = l, e = first[1]} end
-        end
-      end
-      if best == nil then break end
-      remove(skey(ch, best.lane), best.e[1], best.e[2], floors_by_lane[best.lane])
-    else
-      redis.call('HINCRBY', P .. ':n', 'rejected_full', 1)
-      return {-1, count(), tonumber(redis.call('HGET', ck, 'bytes') or '0'),
-        cfg[3] or '', cfg[2] or ''}
-    end
-  end
+  return st
 end
 
-local seq = redis.call('HINCRBY', ck, 'seq', 1)
-redis.call('HINCRBY', ck, 'published', 1)
-redis.call('HINCRBY', ck, 'bytes', size)
-if dl ~= '' and nb ~= '' then
-  redis.call('XADD', skey(ch, lane), '*', 'e', env, 'q', seq, 'z', size, 'd', dl, 'n', nb)
-elseif dl ~= '' then
-  redis.call('XADD', skey(ch, lane), '*', 'e', env, 'q', seq, 'z', size, 'd', dl)
-elseif nb ~= '' then
-  redis.call('XADD', skey(ch, lane), '*', 'e', env, 'q', seq, 'z', size, 'n', nb)
-else
-  redis.call('XADD', skey(ch, lane), '*', 'e', env, 'q', seq, 'z', size)
+local function publish_one(ch, lane, hdr, id, size, dl, nb, payload)
+  local st = state(ch)
+  local ddk = P .. ':dd:' .. id
+  if st.dedup ~= nil and st.dedup > 0 then
+    local seen = redis.call('GET', ddk)
+    if seen then
+      local sep = string.find(seen, ':', 1, true)
+      return {1, tonumber(string.sub(seen, 1, sep - 1)), tonumber(string.sub(seen, sep + 1))}
+    end
+  end
+
+  local function over()
+    return (st.max_msgs ~= nil and st.count + 1 > st.max_msgs) or
+      (st.max_bytes ~= nil and st.bytes + size > st.max_bytes)
+  end
+
+  if over() then
+    -- First what every group has settled (nothing when no group reads the channel).
+    local floors_by_lane = {}
+    for l = 0, 3 do
+      local sk = skey(ch, l)
+      local floors = group_floors(sk)
+      floors_by_lane[l] = floors
+      if floors then
+        local done = false
+        while not done do
+          local batch = redis.call('XRANGE', sk, '-', '+', 'COUNT', 100)
+          if #batch == 0 then break end
+          for _, e in ipairs(batch) do
+            if settled(floors, e[1]) then remove(st, sk, e[1], e[2], floors) else done = true break end
+          end
+        end
+      end
+    end
+    while over() do
+      if st.discard == 'drop_oldest' then
+        local best = nil
+        for l = 0, 3 do
+          local first = redis.call('XRANGE', skey(ch, l), '-', '+', 'COUNT', 1)
+          if #first > 0 then
+            local q = tonumber(entry_field(first[1][2], 'q'))
+            if best == nil or q < best.q then best = {q = q, lane = l, e = first[1]} end
+          end
+        end
+        if best == nil then break end
+        remove(st, skey(ch, best.lane), best.e[1], best.e[2], floors_by_lane[best.lane])
+      else
+        redis.call('HINCRBY', P .. ':n', 'rejected_full', 1)
+        return {-1, st.count, st.bytes, st.raw_max_msgs, st.raw_max_bytes}
+      end
+    end
+  end
+
+  -- `published` is `seq`: duplicates and refused publishes take no sequence.
+  st.seq = st.seq + 1
+  st.count = st.count + 1
+  st.bytes = st.bytes + size
+  local seq = st.seq
+  local sk = skey(ch, lane)
+  if dl ~= '' and nb ~= '' then
+    redis.call('XADD', sk, '*', 'h', hdr, 'p', payload, 'q', seq, 'z', size, 'd', dl, 'n', nb)
+  elseif dl ~= '' then
+    redis.call('XADD', sk, '*', 'h', hdr, 'p', payload, 'q', seq, 'z', size, 'd', dl)
+  elseif nb ~= '' then
+    redis.call('XADD', sk, '*', 'h', hdr, 'p', payload, 'q', seq, 'z', size, 'n', nb)
+  else
+    redis.call('XADD', sk, '*', 'h', hdr, 'p', payload, 'q', seq, 'z', size)
+  end
+  if st.dedup ~= nil and st.dedup > 0 then
+    redis.call('SET', ddk, seq .. ':' .. st.ngroups, 'PX', st.dedup)
+  end
+  return {0, seq, st.ngroups}
 end
-local ngroups = redis.call('SCARD', cgkey(ch))
-if dedup ~= nil and dedup > 0 then
-  redis.call('SET', ddk, seq .. ':' .. ngroups, 'PX', dedup)
+
+local replies = {}
+for i = 3, #ARGV, 8 do
+  replies[#replies + 1] = publish_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
+    tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6], ARGV[i + 7])
 end
-return {0, seq, ngroups}
+for _, ch in ipairs(touched) do
+  local st = states[ch]
+  redis.call('HSET', st.ck, 'count', num(st.count), 'bytes', num(st.bytes), 'seq', num(st.seq))
+  if st.dropped > 0 then redis.call('HINCRBY', st.ck, 'dropped', st.dropped) end
+end
+return replies

@@ -7,15 +7,19 @@ local gk, sched, ek = gkey(g), schedkey(g), errkey(g)
 if op == 'ack' then
   local res = {}
   local acked = 0
+  -- Parked entries and recorded errors are rare: skip their clean-up when there are none.
+  local tidy = redis.call('EXISTS', sched, ek) > 0
   for i = 4, #ARGV, 2 do
     local sk, id = ARGV[i], ARGV[i + 1]
     local n = redis.pcall('XACK', sk, g, id)
     if type(n) ~= 'number' then n = 0 end
     if n > 0 then
       acked = acked + 1
-      local member = sk .. '|' .. id
-      redis.call('ZREM', sched, member)
-      redis.call('HDEL', ek, member)
+      if tidy then
+        local member = sk .. '|' .. id
+        redis.call('ZREM', sched, member)
+        redis.call('HDEL', ek, member)
+      end
     end
     res[#res + 1] = n
   end

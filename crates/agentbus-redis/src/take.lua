@@ -1,16 +1,18 @@
--- take: ARGV = prefix, group, consumer, room, now_ms, ack_wait_ms, max_deliveries, channels...
+-- take: ARGV = prefix, group, consumer, room, now_ms, ack_wait_ms, max_deliveries,
+--       scan_expired (0|1), channels...
 -- Hands out up to `room` deliveries, highest priority lane first; within a lane, due
 -- redeliveries (scheduled, then ack-wait expired) before new entries. Also returns
 -- entries the client must dead-letter (expired deadline, deliveries used up).
 -- Reply: {status, chver, next_due, out..., last ids...} where each out item is
--- {kind, stream, id, delivery_count, envelope, sequence}.
+-- {kind, stream, id, delivery_count, header json, sequence, payload, channel}.
 local g, c = ARGV[2], ARGV[3]
 local room = tonumber(ARGV[4])
 local now = tonumber(ARGV[5])
 local aw = tonumber(ARGV[6])
 local md = tonumber(ARGV[7])
+local scan = ARGV[8] == '1'
 local chans = {}
-for i = 8, #ARGV do chans[#chans + 1] = ARGV[i] end
+for i = 9, #ARGV do chans[#chans + 1] = ARGV[i] end
 local gk, sched = gkey(g), schedkey(g)
 if redis.call('EXISTS', gk) == 0 then return {'gone'} end
 
@@ -35,7 +37,8 @@ local function consider(sk, e, count, first)
     delivered = delivered + 1
     if count > 1 then redelivered = redelivered + 1 end
   end
-  out[#out + 1] = {kind, sk, e[1], count, entry_field(fields, 'e'), entry_field(fields, 'q')}
+  out[#out + 1] = {kind, sk, e[1], count, entry_field(fields, 'h'), entry_field(fields, 'q'),
+    entry_field(fields, 'p'), string.sub(sk, #P + 4, -3)}
 end
 local function claim(sk, id, min_idle)
   local r = redis.pcall('XCLAIM', sk, g, c, min_idle, id)
@@ -66,7 +69,7 @@ for lane = 3, 0, -1 do
   end
   -- 2. deliveries whose ack wait expired
   for _, ch in ipairs(chans) do
-    if room <= 0 then break end
+    if room <= 0 or not scan then break end
     local sk = skey(ch, lane)
     local ok, idle = pcall(redis.call, 'XPENDING', sk, g, 'IDLE', aw, '-', '+', room + 16)
     if ok then

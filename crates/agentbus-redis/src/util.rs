@@ -11,6 +11,13 @@ pub(crate) fn millis(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
+/// A duration in milliseconds that the scripts' numbers (doubles) hold exactly and
+/// Redis accepts as a 64-bit integer: durations beyond 2^53 ms (285,000 years) are
+/// clamped.
+pub(crate) fn lua_ms(d: std::time::Duration) -> u64 {
+    d.as_millis().min(1 << 53) as u64
+}
+
 /// The elements of an array reply (empty for anything else).
 pub(crate) fn arr(v: &Value) -> &[Value] {
     match v {

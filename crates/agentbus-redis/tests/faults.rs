@@ -67,12 +67,14 @@ impl AclUser {
         shared_url().replacen("redis://", &format!("redis://{}:x@", self.name), 1)
     }
 
-    fn kill_connections(&self) -> i64 {
-        let mut conn = self.admin.get_connection().expect("admin connection");
+    fn kill_with(admin: &redis::Client, name: &str) -> i64 {
+        let Ok(mut conn) = admin.get_connection() else {
+            return 0;
+        };
         redis::cmd("CLIENT")
             .arg("KILL")
             .arg("USER")
-            .arg(&self.name)
+            .arg(name)
             .query(&mut conn)
             .unwrap_or(0)
     }
@@ -121,6 +123,18 @@ async fn collect(consumer: &mut dyn Consumer, want: &BTreeSet<u64>) -> BTreeSet<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_kill_under_load_loses_nothing_acknowledged() {
+    kill_under_load(600, 3).await;
+}
+
+/// The same, longer: 20,000 publishes, 100 kills 40 ms apart while they run. By hand:
+/// `cargo nextest run -p agentbus-redis --test faults --run-ignored only --no-capture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: about a minute of publishing under repeated CLIENT KILL"]
+async fn soak_client_kill_under_load() {
+    kill_under_load(20_000, 100).await;
+}
+
+async fn kill_under_load(publishes: u64, kills: usize) {
     let user = AclUser::create();
     let options = RedisOptions::default().prefix(user.prefix.clone());
     let transport = RedisTransport::connect(&user.url(), options)
@@ -151,7 +165,7 @@ async fn client_kill_under_load_loses_nothing_acknowledged() {
         tokio::spawn(async move {
             let mut ok = BTreeSet::new();
             let mut failed = 0;
-            for n in 100..700u64 {
+            for n in 100..100 + publishes {
                 match transport.publish(envelope(&channel, n)).await {
                     Ok(_) => {
                         ok.insert(n);
@@ -167,9 +181,13 @@ async fn client_kill_under_load_loses_nothing_acknowledged() {
         })
     };
     let mut killed = 0;
-    for _ in 0..3 {
+    for _ in 0..kills {
         tokio::time::sleep(Duration::from_millis(40)).await;
-        killed += user.kill_connections();
+        let user_name = user.name.clone();
+        let admin = user.admin.clone();
+        killed += tokio::task::spawn_blocking(move || AclUser::kill_with(&admin, &user_name))
+            .await
+            .unwrap_or(0);
     }
     let (ok, failed) = publisher.await.unwrap();
     drop(held); // never settled: they must be redelivered after the ack wait
