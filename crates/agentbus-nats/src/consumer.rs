@@ -9,7 +9,7 @@
 //! `idle_poll` passes (for ack-wait redeliveries no publish announces).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,8 @@ pub(crate) struct Shared {
     deferred: Mutex<Vec<Deferred>>,
     next_token: AtomicU64,
     wake: Notify,
+    /// Lanes (bits in the order of [`LANES`]) a nack just refilled.
+    nacked: AtomicU8,
     permits: Arc<Semaphore>,
 }
 
@@ -165,6 +167,7 @@ impl NatsConsumer {
             deferred: Mutex::new(Vec::new()),
             next_token: AtomicU64::new(1),
             wake: Notify::new(),
+            nacked: AtomicU8::new(0),
             permits: Arc::new(Semaphore::new(options.prefetch)),
         });
         let (tx, rx) = mpsc::unbounded_channel();
@@ -300,7 +303,13 @@ impl Shared {
                 };
                 self.send_ack(&flight.acker, kind)
                     .await
-                    .map_err(|e| backend("nacking", e))
+                    .map_err(|e| backend("nacking", e))?;
+                if delay.is_zero() {
+                    // Sent before the pump's next pull on this connection: look there.
+                    let lane = flight.envelope.header.priority.as_u8().clamp(1, 4);
+                    self.nacked.fetch_or(1 << (4 - lane), Ordering::AcqRel);
+                }
+                Ok(())
             }
             Settlement::Reject { reason, error } => {
                 self.dead_letter(&flight.envelope, reason, flight.attempt, Some(error))
@@ -515,8 +524,13 @@ async fn pump(
     let mut closed = shared.inner.closed.subscribe();
     let idle_poll = shared.inner.options.idle_poll;
     let mut failures = 0u32;
+    // Lanes to ask: those whose notice rang or that a nack refilled, and those whose
+    // last fetched message said more were pending; every lane on a full sweep (at
+    // start, after an idle timer, and at least every `idle_poll` while busy).
     let mut rang = 0u8;
-    let mut full_sweep = true;
+    let mut known = 0u8;
+    let mut force_full = true;
+    let mut last_full = Instant::now();
     loop {
         if *closed.borrow() || tx.is_closed() {
             return;
@@ -525,8 +539,11 @@ async fn pump(
         while let Some(Some(notice)) = bell.next().now_or_never() {
             rang |= lane_bit(&notice.subject);
         }
+        rang |= shared.nacked.swap(0, Ordering::AcqRel);
         shared.housekeeping().await;
         let room = shared.permits.available_permits();
+        let mut asked = 0u8;
+        let mut full = false;
         let mut handed = 0usize;
         if room > 0 {
             for d in shared.take_due(room) {
@@ -552,9 +569,12 @@ async fn pump(
                     return;
                 }
             }
-            // After a notice only the lanes that rang are asked (one round trip for a
-            // request); a timer, a settle or a busy loop asks every lane, highest first.
-            let only = if full_sweep { 0b1111 } else { rang };
+            full = force_full || last_full.elapsed() >= idle_poll;
+            if full {
+                force_full = false;
+                last_full = Instant::now();
+            }
+            let only = if full { 0b1111 } else { rang | known };
             'lanes: for (i, lane) in lanes.iter().enumerate() {
                 let want = room.saturating_sub(handed);
                 if want == 0 {
@@ -563,6 +583,8 @@ async fn pump(
                 if only & (1 << i) == 0 {
                     continue;
                 }
+                asked |= 1 << i;
+                known &= !(1 << i);
                 // Bounded: while the connection is down a request may never be answered.
                 let fetched =
                     tokio::time::timeout(FETCH_TIMEOUT, lane.fetch().max_messages(want).messages())
@@ -607,6 +629,11 @@ async fn pump(
                         }
                     };
                     failures = 0;
+                    if message.info().is_ok_and(|info| info.pending > 0) {
+                        known |= 1 << i;
+                    } else {
+                        known &= !(1 << i);
+                    }
                     if let Some(delivery) = shared.admit(message).await {
                         handed += 1;
                         if tx.send(delivery).is_err() {
@@ -616,32 +643,29 @@ async fn pump(
                 }
             }
         }
-        rang = 0;
-        if handed > 0 {
-            full_sweep = true;
+        rang &= !asked;
+        if handed > 0 || (room > 0 && (rang | known) != 0) {
             continue;
         }
         let mut sleep_for = idle_poll;
         if failures > 0 {
             sleep_for = sleep_for.max(Duration::from_millis(250));
         }
-        if !full_sweep {
+        if !full && asked != 0 {
             // A notice can overtake the stream's store of its message: look again soon.
             sleep_for = sleep_for.min(Duration::from_millis(2));
         }
         if let Some(due) = shared.next_due() {
             sleep_for = sleep_for.min(due.saturating_duration_since(Instant::now()));
         }
-        full_sweep = true;
         tokio::select! {
             notice = bell.next(), if room > 0 => {
                 if let Some(notice) = notice {
                     rang |= lane_bit(&notice.subject);
-                    full_sweep = false;
                 }
             }
             _ = shared.wake.notified() => {}
-            _ = tokio::time::sleep(sleep_for) => {}
+            _ = tokio::time::sleep(sleep_for) => force_full = true,
             _ = closed.changed() => {}
         }
     }

@@ -51,7 +51,7 @@ pub(crate) struct Inner {
     pub(crate) dlq: stream::Stream,
     /// Group name → pattern, for every group on the stream (kept live from JetStream's
     /// consumer advisories).
-    pub(crate) groups: RwLock<HashMap<String, String>>,
+    pub(crate) groups: RwLock<HashMap<String, ChannelPattern>>,
     configs: Mutex<Vec<(ChannelPattern, ChannelConfig)>>,
     /// Per limited channel: (messages the server last reported, publishes since).
     estimates: Mutex<HashMap<String, (u64, u64)>>,
@@ -259,7 +259,7 @@ impl NatsTransport {
             .groups
             .read()
             .iter()
-            .filter(|(_, p)| ChannelPattern::new(p.as_str()).is_ok_and(|p| p.matches(channel)))
+            .filter(|(_, p)| p.matches(channel))
             .map(|(g, _)| g.clone())
             .collect();
         if !groups.is_empty() {
@@ -360,7 +360,7 @@ impl NatsTransport {
             .groups
             .read()
             .values()
-            .filter(|p| ChannelPattern::new(p.as_str()).is_ok_and(|p| p.matches(channel)))
+            .filter(|p| p.matches(channel))
             .count()
     }
 }
@@ -469,9 +469,9 @@ impl Inner {
         let Some((_, pattern)) = rest.split_once('.') else {
             return;
         };
-        self.groups
-            .write()
-            .insert(group.to_string(), pattern.to_string());
+        if let Ok(pattern) = ChannelPattern::new(pattern) {
+            self.groups.write().insert(group.to_string(), pattern);
+        }
     }
 
     /// Publishes a dead letter (at least once: before the message is terminated).
@@ -814,9 +814,6 @@ impl Transport for NatsTransport {
                 continue;
             };
             let Some(pattern) = self.inner.groups.read().get(group).cloned() else {
-                continue;
-            };
-            let Ok(pattern) = ChannelPattern::new(pattern) else {
                 continue;
             };
             let entry = groups
