@@ -156,6 +156,17 @@ impl NatsConsumer {
             .subscribe(format!("{prefix}.*.{pattern}"))
             .await
             .map_err(|e| backend("subscribing to new-message notices", e))?;
+        // Core requests (Bus::request) on this pattern: one member of the group each.
+        let request_subject = wire::request_subject(&prefix, &pattern);
+        let requests = if private {
+            inner.client.subscribe(request_subject).await
+        } else {
+            inner
+                .client
+                .queue_subscribe(request_subject, group.clone())
+                .await
+        }
+        .map_err(|e| backend("subscribing to core requests", e))?;
         *inner.members.lock().entry(group.clone()).or_insert(0) += 1;
         let shared = Arc::new(Shared {
             inner: inner.clone(),
@@ -171,7 +182,7 @@ impl NatsConsumer {
             permits: Arc::new(Semaphore::new(options.prefetch)),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let pump = tokio::spawn(pump(shared.clone(), lanes, bell, tx));
+        let pump = tokio::spawn(pump(shared.clone(), lanes, bell, requests, tx));
         Ok(NatsConsumer { shared, rx, pump })
     }
 }
@@ -264,6 +275,10 @@ impl Shared {
         reply: &Subject,
         kind: AckKind,
     ) -> std::result::Result<(), async_nats::PublishError> {
+        if reply.is_empty() {
+            // A core request: nothing to settle on the server.
+            return Ok(());
+        }
         self.inner
             .client
             .publish(reply.clone(), bytes::Bytes::from(kind))
@@ -344,6 +359,39 @@ impl Shared {
                 dead_at: Utc::now(),
             })
             .await
+    }
+
+    /// A core request: handed out at once (it cannot wait on the server), or
+    /// dead-lettered `expired` past its deadline. Settling it does nothing on the
+    /// server: core requests are at most once; the requester times out if no reply.
+    async fn admit_core(self: &Arc<Self>, message: async_nats::Message) -> Option<Delivery> {
+        let prefix = wire::request_subject(&self.inner.options.prefix, "");
+        let channel = message
+            .subject
+            .as_str()
+            .strip_prefix(prefix.as_str())?
+            .to_string();
+        let mut envelope =
+            match wire::decode_core(&channel, message.headers.as_ref(), message.payload) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!("dropping a core request agentbus cannot read: {e}");
+                    return None;
+                }
+            };
+        envelope.header.attempt = 1;
+        if envelope.header.deadline.is_some_and(|d| d <= Utc::now()) {
+            let _ = self
+                .dead_letter(
+                    &envelope,
+                    DeadReason::Expired,
+                    0,
+                    Some("deadline passed before delivery".into()),
+                )
+                .await;
+            return None;
+        }
+        Some(self.hand_out(Subject::from_static(""), 1, envelope, 0))
     }
 
     /// Decides what to do with a message fetched from a lane: hand it out, defer it,
@@ -519,6 +567,7 @@ async fn pump(
     shared: Arc<Shared>,
     lanes: Vec<PullConsumer>,
     mut bell: async_nats::Subscriber,
+    mut requests: async_nats::Subscriber,
     tx: mpsc::UnboundedSender<Delivery>,
 ) {
     let mut closed = shared.inner.closed.subscribe();
@@ -546,7 +595,19 @@ async fn pump(
         let mut full = false;
         let mut handed = 0usize;
         if room > 0 {
-            for d in shared.take_due(room) {
+            // Core requests waiting in the client first: their requesters are waiting.
+            while handed < room {
+                let Some(Some(request)) = requests.next().now_or_never() else {
+                    break;
+                };
+                if let Some(delivery) = shared.admit_core(request).await {
+                    handed += 1;
+                    if tx.send(delivery).is_err() {
+                        return;
+                    }
+                }
+            }
+            for d in shared.take_due(room.saturating_sub(handed)) {
                 let now = Utc::now();
                 if d.envelope.header.deadline.is_some_and(|t| t <= now) {
                     if shared
@@ -662,6 +723,15 @@ async fn pump(
             notice = bell.next(), if room > 0 => {
                 if let Some(notice) = notice {
                     rang |= lane_bit(&notice.subject);
+                }
+            }
+            request = requests.next(), if room > 0 => {
+                if let Some(request) = request {
+                    if let Some(delivery) = shared.admit_core(request).await {
+                        if tx.send(delivery).is_err() {
+                            return;
+                        }
+                    }
                 }
             }
             _ = shared.wake.notified() => {}

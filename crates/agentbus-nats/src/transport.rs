@@ -220,6 +220,27 @@ impl NatsTransport {
             .map(|(_, c)| c.clone())
     }
 
+    /// A reply to a core request: straight to the requester's inbox subject.
+    async fn reply_core(&self, envelope: Envelope) -> Result<PublishReceipt> {
+        let headers = wire::encode(&envelope)?;
+        self.inner
+            .client
+            .publish_with_headers(
+                envelope.channel.as_str().to_string(),
+                headers,
+                envelope.payload,
+            )
+            .await
+            .map_err(|e| backend(format!("replying on '{}'", envelope.channel), e))?;
+        Ok(PublishReceipt {
+            id: envelope.header.id,
+            channel: envelope.channel,
+            sequence: 0,
+            duplicate: false,
+            groups: 1,
+        })
+    }
+
     /// Messages stored for `channel` (all lanes).
     async fn channel_count(&self, channel: &str) -> Result<u64> {
         let filter = format!("{}.*.{channel}", self.inner.options.prefix);
@@ -572,6 +593,9 @@ impl Transport for NatsTransport {
     async fn publish(&self, envelope: Envelope) -> Result<PublishReceipt> {
         self.check_open()?;
         self.inner.limits.check(&envelope, Utc::now())?;
+        if envelope.channel.as_str().starts_with("_INBOX.") {
+            return self.reply_core(envelope).await;
+        }
         if let Some(config) = self.config_for(&envelope.channel) {
             self.make_room(&envelope.channel, &config).await?;
         }
@@ -886,6 +910,52 @@ impl Transport for NatsTransport {
         // Acks are fire-and-forget publishes: make sure they left.
         let _ = tokio::time::timeout(Duration::from_secs(5), self.inner.client.flush()).await;
         Ok(())
+    }
+
+    fn native_requests(&self) -> bool {
+        self.inner.options.core_requests
+    }
+
+    async fn request(&self, mut envelope: Envelope, timeout: Duration) -> Result<Envelope> {
+        self.check_open()?;
+        self.inner.limits.check(&envelope, Utc::now())?;
+        let channel = envelope.channel.clone();
+        let inbox = self.inner.client.new_inbox();
+        envelope.header.reply_to = Some(ChannelName::new(&inbox)?);
+        let headers = wire::encode(&envelope)?;
+        let subject = wire::request_subject(&self.inner.options.prefix, channel.as_str());
+        let request = async_nats::Request::new()
+            .payload(envelope.payload)
+            .headers(headers)
+            .inbox(inbox)
+            .timeout(Some(timeout));
+        match self.inner.client.send_request(subject, request).await {
+            Ok(reply) => {
+                let reply_channel = reply.subject.to_string();
+                wire::decode_core(&reply_channel, reply.headers.as_ref(), reply.payload)
+            }
+            Err(e) => Err(match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => Error::new(
+                    ErrorKind::NoResponders,
+                    format!(
+                        "no responders for a request on channel '{channel}': nobody is \
+                         subscribed to it right now; start a responder or check the channel name"
+                    ),
+                )
+                .with_context("channel", &channel),
+                async_nats::RequestErrorKind::TimedOut => Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "request on channel '{channel}' timed out after {}: no reply came in \
+                         time; check that a responder is running and healthy, or raise the \
+                         timeout",
+                        humanize(timeout)
+                    ),
+                )
+                .with_context("channel", &channel),
+                _ => backend(format!("a request on channel '{channel}'"), e),
+            }),
+        }
     }
 
     async fn durability(&self) -> Result<DurabilityReport> {

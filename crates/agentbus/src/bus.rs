@@ -496,6 +496,14 @@ impl Bus {
         mut request: Envelope,
         timeout: Duration,
     ) -> Result<Envelope> {
+        if self.inner.transport.native_requests() {
+            // The transport's own request/reply (NATS core): it fills reply_to.
+            request.header.deadline = Some(later(self.inner.clock.now(), timeout));
+            self.inner
+                .registry
+                .validate(&request, self.inner.strict_kinds)?;
+            return self.inner.transport.request(request, timeout).await;
+        }
         let inbox = self.inbox().await?.clone();
         let now = self.inner.clock.now();
         request.header.reply_to = Some(inbox);
