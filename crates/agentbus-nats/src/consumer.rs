@@ -80,6 +80,7 @@ pub(crate) struct NatsConsumer {
     shared: Arc<Shared>,
     rx: mpsc::UnboundedReceiver<Delivery>,
     pump: tokio::task::JoinHandle<()>,
+    forwarder: tokio::task::JoinHandle<()>,
 }
 
 impl NatsConsumer {
@@ -182,8 +183,14 @@ impl NatsConsumer {
             permits: Arc::new(Semaphore::new(options.prefetch)),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let pump = tokio::spawn(pump(shared.clone(), lanes, bell, requests, tx));
-        Ok(NatsConsumer { shared, rx, pump })
+        let forwarder = tokio::spawn(forward_requests(shared.clone(), requests, tx.clone()));
+        let pump = tokio::spawn(pump(shared.clone(), lanes, bell, tx));
+        Ok(NatsConsumer {
+            shared,
+            rx,
+            pump,
+            forwarder,
+        })
     }
 }
 
@@ -219,6 +226,7 @@ impl Consumer for NatsConsumer {
 impl Drop for NatsConsumer {
     fn drop(&mut self) {
         self.pump.abort();
+        self.forwarder.abort();
         let shared = self.shared.clone();
         if let Some(n) = shared.inner.members.lock().get_mut(&*shared.group) {
             *n = n.saturating_sub(1);
@@ -263,13 +271,47 @@ impl Settler for Shared {
         let result = self.apply(&flight, settlement).await;
         drop(flight);
         self.wake.notify_one();
-        result
+        result?;
+        self.flush().await
+    }
+
+    async fn settle_many(&self, batch: Vec<(u64, Settlement)>) -> Vec<Result<()>> {
+        let mut results = Vec::with_capacity(batch.len());
+        for (token, settlement) in batch {
+            let flight = self.flights.lock().remove(&token);
+            results.push(match flight {
+                Some(flight) => self.apply(&flight, settlement).await,
+                None => Err(Error::new(
+                    ErrorKind::AlreadySettled,
+                    "this delivery was already settled, handed back or dead-lettered",
+                )),
+            });
+        }
+        self.wake.notify_one();
+        // One round trip for the whole batch.
+        if let Err(e) = self.flush().await {
+            for result in results.iter_mut().filter(|r| r.is_ok()) {
+                *result = Err(Error::new(e.kind(), e.message().to_string()));
+            }
+        }
+        results
     }
 }
 
 impl Shared {
-    /// Settles on the server: a fire-and-forget publish to the reply subject, as
-    /// JetStream clients do (a lost ack means a redelivery, never a loss).
+    /// Waits until the server has read every settlement sent so far, so a settle
+    /// that returned `Ok` is not lost when the process exits right after.
+    async fn flush(&self) -> Result<()> {
+        self.inner
+            .client
+            .flush()
+            .await
+            .map_err(|e| backend("sending settlements", e))
+    }
+
+    /// Settles on the server: a publish to the reply subject, as JetStream clients
+    /// do; [`Shared::flush`] makes sure it left (a lost ack means a redelivery, never
+    /// a loss).
     async fn send_ack(
         &self,
         reply: &Subject,
@@ -364,7 +406,11 @@ impl Shared {
     /// A core request: handed out at once (it cannot wait on the server), or
     /// dead-lettered `expired` past its deadline. Settling it does nothing on the
     /// server: core requests are at most once; the requester times out if no reply.
-    async fn admit_core(self: &Arc<Self>, message: async_nats::Message) -> Option<Delivery> {
+    async fn admit_core(
+        self: &Arc<Self>,
+        message: async_nats::Message,
+        permit: OwnedSemaphorePermit,
+    ) -> Option<Delivery> {
         let prefix = wire::request_subject(&self.inner.options.prefix, "");
         let channel = message
             .subject
@@ -391,7 +437,7 @@ impl Shared {
                 .await;
             return None;
         }
-        Some(self.hand_out(Subject::from_static(""), 1, envelope, 0))
+        Some(self.hand_out_with(Some(permit), Subject::from_static(""), 1, envelope, 0))
     }
 
     /// Decides what to do with a message fetched from a lane: hand it out, defer it,
@@ -486,6 +532,17 @@ impl Shared {
         sequence: u64,
     ) -> Delivery {
         let permit = self.permits.clone().try_acquire_owned().ok();
+        self.hand_out_with(permit, acker, attempt, envelope, sequence)
+    }
+
+    fn hand_out_with(
+        self: &Arc<Self>,
+        permit: Option<OwnedSemaphorePermit>,
+        acker: Acker,
+        attempt: u32,
+        envelope: Envelope,
+        sequence: u64,
+    ) -> Delivery {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let envelope = Arc::new(envelope);
         self.flights.lock().insert(
@@ -550,6 +607,26 @@ impl Shared {
     }
 }
 
+/// Hands core requests out as they come, as soon as the prefetch has room: apart from
+/// the pump, so a request never waits for a round of pulls.
+async fn forward_requests(
+    shared: Arc<Shared>,
+    mut requests: async_nats::Subscriber,
+    tx: mpsc::UnboundedSender<Delivery>,
+) {
+    while let Some(request) = requests.next().await {
+        // Wait for room: the delivery holds this permit until settled.
+        let Ok(permit) = shared.permits.clone().acquire_owned().await else {
+            return;
+        };
+        if let Some(delivery) = shared.admit_core(request, permit).await {
+            if tx.send(delivery).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// The longest one pull request may stay unanswered.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -567,7 +644,6 @@ async fn pump(
     shared: Arc<Shared>,
     lanes: Vec<PullConsumer>,
     mut bell: async_nats::Subscriber,
-    mut requests: async_nats::Subscriber,
     tx: mpsc::UnboundedSender<Delivery>,
 ) {
     let mut closed = shared.inner.closed.subscribe();
@@ -595,19 +671,7 @@ async fn pump(
         let mut full = false;
         let mut handed = 0usize;
         if room > 0 {
-            // Core requests waiting in the client first: their requesters are waiting.
-            while handed < room {
-                let Some(Some(request)) = requests.next().now_or_never() else {
-                    break;
-                };
-                if let Some(delivery) = shared.admit_core(request).await {
-                    handed += 1;
-                    if tx.send(delivery).is_err() {
-                        return;
-                    }
-                }
-            }
-            for d in shared.take_due(room.saturating_sub(handed)) {
+            for d in shared.take_due(room) {
                 let now = Utc::now();
                 if d.envelope.header.deadline.is_some_and(|t| t <= now) {
                     if shared
@@ -723,15 +787,6 @@ async fn pump(
             notice = bell.next(), if room > 0 => {
                 if let Some(notice) = notice {
                     rang |= lane_bit(&notice.subject);
-                }
-            }
-            request = requests.next(), if room > 0 => {
-                if let Some(request) = request {
-                    if let Some(delivery) = shared.admit_core(request).await {
-                        if tx.send(delivery).is_err() {
-                            return;
-                        }
-                    }
                 }
             }
             _ = shared.wake.notified() => {}

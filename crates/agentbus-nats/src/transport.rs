@@ -958,6 +958,49 @@ impl Transport for NatsTransport {
         }
     }
 
+    async fn scatter(
+        &self,
+        mut envelope: Envelope,
+    ) -> Result<(usize, futures::stream::BoxStream<'static, Envelope>)> {
+        self.check_open()?;
+        self.inner.limits.check(&envelope, Utc::now())?;
+        let channel = envelope.channel.clone();
+        let inbox = self.inner.client.new_inbox();
+        envelope.header.reply_to = Some(ChannelName::new(&inbox)?);
+        let replies = self
+            .inner
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| {
+                backend(
+                    format!("subscribing to the replies of a gather on '{channel}'"),
+                    e,
+                )
+            })?;
+        let headers = wire::encode(&envelope)?;
+        let subject = wire::request_subject(&self.inner.options.prefix, channel.as_str());
+        self.inner
+            .client
+            .publish_with_reply_and_headers(subject, inbox, headers, envelope.payload)
+            .await
+            .map_err(|e| backend(format!("sending a gather on '{channel}'"), e))?;
+        let groups = self.count_groups(&channel);
+        let replies = replies
+            .filter_map(|m| async move {
+                let reply_channel = m.subject.to_string();
+                match wire::decode_core(&reply_channel, m.headers.as_ref(), m.payload) {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        tracing::warn!("ignoring an unreadable gather reply: {e}");
+                        None
+                    }
+                }
+            })
+            .boxed();
+        Ok((groups, replies))
+    }
+
     async fn durability(&self) -> Result<DurabilityReport> {
         crate::doctor::durability(&self.inner).await
     }

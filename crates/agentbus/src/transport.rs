@@ -717,6 +717,29 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         ))
     }
 
+    /// Scatter-gather over the transport's own request/reply: sends `request` (its
+    /// deadline set, `reply_to` filled by the transport) to every group matching its
+    /// channel and returns how many groups matched and the replies as they come. Only
+    /// called when [`Transport::native_requests`] is true; the bus applies the
+    /// gather's limits and timeout.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unsupported`] from the default implementation; send errors.
+    async fn scatter(
+        &self,
+        request: Envelope,
+    ) -> Result<(usize, futures::stream::BoxStream<'static, Envelope>)> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the '{}' transport has no native scatter-gather; a gather on '{}' goes \
+                 through the bus's inbox instead",
+                self.name(),
+                request.channel
+            ),
+        ))
+    }
+
     /// Reads the settings that decide what a receipt guarantees and says it plainly.
     ///
     /// The default describes a transport that keeps messages only in this process's
