@@ -268,10 +268,15 @@ impl Settler for Shared {
                 "this delivery was already settled, handed back or dead-lettered",
             )
         })?;
+        // A core request has nothing to settle on the server, so nothing to flush.
+        let core = flight.acker.is_empty();
         let result = self.apply(&flight, settlement).await;
         drop(flight);
         self.wake.notify_one();
         result?;
+        if core {
+            return Ok(());
+        }
         self.flush().await
     }
 
