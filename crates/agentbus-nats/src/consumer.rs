@@ -9,7 +9,7 @@
 //! `idle_poll` passes (for ack-wait redeliveries no publish announces).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,8 @@ pub(crate) struct Shared {
     deferred: Mutex<Vec<Deferred>>,
     next_token: AtomicU64,
     wake: Notify,
+    /// Lanes (bits in the order of [`LANES`]) a nack just refilled.
+    nacked: AtomicU8,
     permits: Arc<Semaphore>,
 }
 
@@ -78,6 +80,7 @@ pub(crate) struct NatsConsumer {
     shared: Arc<Shared>,
     rx: mpsc::UnboundedReceiver<Delivery>,
     pump: tokio::task::JoinHandle<()>,
+    forwarder: tokio::task::JoinHandle<()>,
 }
 
 impl NatsConsumer {
@@ -154,6 +157,17 @@ impl NatsConsumer {
             .subscribe(format!("{prefix}.*.{pattern}"))
             .await
             .map_err(|e| backend("subscribing to new-message notices", e))?;
+        // Core requests (Bus::request) on this pattern: one member of the group each.
+        let request_subject = wire::request_subject(&prefix, &pattern);
+        let requests = if private {
+            inner.client.subscribe(request_subject).await
+        } else {
+            inner
+                .client
+                .queue_subscribe(request_subject, group.clone())
+                .await
+        }
+        .map_err(|e| backend("subscribing to core requests", e))?;
         *inner.members.lock().entry(group.clone()).or_insert(0) += 1;
         let shared = Arc::new(Shared {
             inner: inner.clone(),
@@ -165,11 +179,18 @@ impl NatsConsumer {
             deferred: Mutex::new(Vec::new()),
             next_token: AtomicU64::new(1),
             wake: Notify::new(),
+            nacked: AtomicU8::new(0),
             permits: Arc::new(Semaphore::new(options.prefetch)),
         });
         let (tx, rx) = mpsc::unbounded_channel();
+        let forwarder = tokio::spawn(forward_requests(shared.clone(), requests, tx.clone()));
         let pump = tokio::spawn(pump(shared.clone(), lanes, bell, tx));
-        Ok(NatsConsumer { shared, rx, pump })
+        Ok(NatsConsumer {
+            shared,
+            rx,
+            pump,
+            forwarder,
+        })
     }
 }
 
@@ -205,6 +226,7 @@ impl Consumer for NatsConsumer {
 impl Drop for NatsConsumer {
     fn drop(&mut self) {
         self.pump.abort();
+        self.forwarder.abort();
         let shared = self.shared.clone();
         if let Some(n) = shared.inner.members.lock().get_mut(&*shared.group) {
             *n = n.saturating_sub(1);
@@ -246,21 +268,64 @@ impl Settler for Shared {
                 "this delivery was already settled, handed back or dead-lettered",
             )
         })?;
+        // A core request has nothing to settle on the server, so nothing to flush.
+        let core = flight.acker.is_empty();
         let result = self.apply(&flight, settlement).await;
         drop(flight);
         self.wake.notify_one();
-        result
+        result?;
+        if core {
+            return Ok(());
+        }
+        self.flush().await
+    }
+
+    async fn settle_many(&self, batch: Vec<(u64, Settlement)>) -> Vec<Result<()>> {
+        let mut results = Vec::with_capacity(batch.len());
+        for (token, settlement) in batch {
+            let flight = self.flights.lock().remove(&token);
+            results.push(match flight {
+                Some(flight) => self.apply(&flight, settlement).await,
+                None => Err(Error::new(
+                    ErrorKind::AlreadySettled,
+                    "this delivery was already settled, handed back or dead-lettered",
+                )),
+            });
+        }
+        self.wake.notify_one();
+        // One round trip for the whole batch.
+        if let Err(e) = self.flush().await {
+            for result in results.iter_mut().filter(|r| r.is_ok()) {
+                *result = Err(Error::new(e.kind(), e.message().to_string()));
+            }
+        }
+        results
     }
 }
 
 impl Shared {
-    /// Settles on the server: a fire-and-forget publish to the reply subject, as
-    /// JetStream clients do (a lost ack means a redelivery, never a loss).
+    /// Waits until the server has read every settlement sent so far, so a settle
+    /// that returned `Ok` is not lost when the process exits right after.
+    async fn flush(&self) -> Result<()> {
+        self.inner
+            .client
+            .flush()
+            .await
+            .map_err(|e| backend("sending settlements", e))
+    }
+
+    /// Settles on the server: a publish to the reply subject, as JetStream clients
+    /// do; [`Shared::flush`] makes sure it left (a lost ack means a redelivery, never
+    /// a loss).
     async fn send_ack(
         &self,
         reply: &Subject,
         kind: AckKind,
     ) -> std::result::Result<(), async_nats::PublishError> {
+        if reply.is_empty() {
+            // A core request: nothing to settle on the server.
+            return Ok(());
+        }
         self.inner
             .client
             .publish(reply.clone(), bytes::Bytes::from(kind))
@@ -300,7 +365,13 @@ impl Shared {
                 };
                 self.send_ack(&flight.acker, kind)
                     .await
-                    .map_err(|e| backend("nacking", e))
+                    .map_err(|e| backend("nacking", e))?;
+                if delay.is_zero() {
+                    // Sent before the pump's next pull on this connection: look there.
+                    let lane = flight.envelope.header.priority.as_u8().clamp(1, 4);
+                    self.nacked.fetch_or(1 << (4 - lane), Ordering::AcqRel);
+                }
+                Ok(())
             }
             Settlement::Reject { reason, error } => {
                 self.dead_letter(&flight.envelope, reason, flight.attempt, Some(error))
@@ -335,6 +406,43 @@ impl Shared {
                 dead_at: Utc::now(),
             })
             .await
+    }
+
+    /// A core request: handed out at once (it cannot wait on the server), or
+    /// dead-lettered `expired` past its deadline. Settling it does nothing on the
+    /// server: core requests are at most once; the requester times out if no reply.
+    async fn admit_core(
+        self: &Arc<Self>,
+        message: async_nats::Message,
+        permit: OwnedSemaphorePermit,
+    ) -> Option<Delivery> {
+        let prefix = wire::request_subject(&self.inner.options.prefix, "");
+        let channel = message
+            .subject
+            .as_str()
+            .strip_prefix(prefix.as_str())?
+            .to_string();
+        let mut envelope =
+            match wire::decode_core(&channel, message.headers.as_ref(), message.payload) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!("dropping a core request agentbus cannot read: {e}");
+                    return None;
+                }
+            };
+        envelope.header.attempt = 1;
+        if envelope.header.deadline.is_some_and(|d| d <= Utc::now()) {
+            let _ = self
+                .dead_letter(
+                    &envelope,
+                    DeadReason::Expired,
+                    0,
+                    Some("deadline passed before delivery".into()),
+                )
+                .await;
+            return None;
+        }
+        Some(self.hand_out_with(Some(permit), Subject::from_static(""), 1, envelope, 0))
     }
 
     /// Decides what to do with a message fetched from a lane: hand it out, defer it,
@@ -429,6 +537,17 @@ impl Shared {
         sequence: u64,
     ) -> Delivery {
         let permit = self.permits.clone().try_acquire_owned().ok();
+        self.hand_out_with(permit, acker, attempt, envelope, sequence)
+    }
+
+    fn hand_out_with(
+        self: &Arc<Self>,
+        permit: Option<OwnedSemaphorePermit>,
+        acker: Acker,
+        attempt: u32,
+        envelope: Envelope,
+        sequence: u64,
+    ) -> Delivery {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let envelope = Arc::new(envelope);
         self.flights.lock().insert(
@@ -493,6 +612,26 @@ impl Shared {
     }
 }
 
+/// Hands core requests out as they come, as soon as the prefetch has room: apart from
+/// the pump, so a request never waits for a round of pulls.
+async fn forward_requests(
+    shared: Arc<Shared>,
+    mut requests: async_nats::Subscriber,
+    tx: mpsc::UnboundedSender<Delivery>,
+) {
+    while let Some(request) = requests.next().await {
+        // Wait for room: the delivery holds this permit until settled.
+        let Ok(permit) = shared.permits.clone().acquire_owned().await else {
+            return;
+        };
+        if let Some(delivery) = shared.admit_core(request, permit).await {
+            if tx.send(delivery).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// The longest one pull request may stay unanswered.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -515,8 +654,13 @@ async fn pump(
     let mut closed = shared.inner.closed.subscribe();
     let idle_poll = shared.inner.options.idle_poll;
     let mut failures = 0u32;
+    // Lanes to ask: those whose notice rang or that a nack refilled, and those whose
+    // last fetched message said more were pending; every lane on a full sweep (at
+    // start, after an idle timer, and at least every `idle_poll` while busy).
     let mut rang = 0u8;
-    let mut full_sweep = true;
+    let mut known = 0u8;
+    let mut force_full = true;
+    let mut last_full = Instant::now();
     loop {
         if *closed.borrow() || tx.is_closed() {
             return;
@@ -525,8 +669,11 @@ async fn pump(
         while let Some(Some(notice)) = bell.next().now_or_never() {
             rang |= lane_bit(&notice.subject);
         }
+        rang |= shared.nacked.swap(0, Ordering::AcqRel);
         shared.housekeeping().await;
         let room = shared.permits.available_permits();
+        let mut asked = 0u8;
+        let mut full = false;
         let mut handed = 0usize;
         if room > 0 {
             for d in shared.take_due(room) {
@@ -552,9 +699,12 @@ async fn pump(
                     return;
                 }
             }
-            // After a notice only the lanes that rang are asked (one round trip for a
-            // request); a timer, a settle or a busy loop asks every lane, highest first.
-            let only = if full_sweep { 0b1111 } else { rang };
+            full = force_full || last_full.elapsed() >= idle_poll;
+            if full {
+                force_full = false;
+                last_full = Instant::now();
+            }
+            let only = if full { 0b1111 } else { rang | known };
             'lanes: for (i, lane) in lanes.iter().enumerate() {
                 let want = room.saturating_sub(handed);
                 if want == 0 {
@@ -563,6 +713,8 @@ async fn pump(
                 if only & (1 << i) == 0 {
                     continue;
                 }
+                asked |= 1 << i;
+                known &= !(1 << i);
                 // Bounded: while the connection is down a request may never be answered.
                 let fetched =
                     tokio::time::timeout(FETCH_TIMEOUT, lane.fetch().max_messages(want).messages())
@@ -607,6 +759,11 @@ async fn pump(
                         }
                     };
                     failures = 0;
+                    if message.info().is_ok_and(|info| info.pending > 0) {
+                        known |= 1 << i;
+                    } else {
+                        known &= !(1 << i);
+                    }
                     if let Some(delivery) = shared.admit(message).await {
                         handed += 1;
                         if tx.send(delivery).is_err() {
@@ -616,32 +773,29 @@ async fn pump(
                 }
             }
         }
-        rang = 0;
-        if handed > 0 {
-            full_sweep = true;
+        rang &= !asked;
+        if handed > 0 || (room > 0 && (rang | known) != 0) {
             continue;
         }
         let mut sleep_for = idle_poll;
         if failures > 0 {
             sleep_for = sleep_for.max(Duration::from_millis(250));
         }
-        if !full_sweep {
+        if !full && asked != 0 {
             // A notice can overtake the stream's store of its message: look again soon.
             sleep_for = sleep_for.min(Duration::from_millis(2));
         }
         if let Some(due) = shared.next_due() {
             sleep_for = sleep_for.min(due.saturating_duration_since(Instant::now()));
         }
-        full_sweep = true;
         tokio::select! {
             notice = bell.next(), if room > 0 => {
                 if let Some(notice) = notice {
                     rang |= lane_bit(&notice.subject);
-                    full_sweep = false;
                 }
             }
             _ = shared.wake.notified() => {}
-            _ = tokio::time::sleep(sleep_for) => {}
+            _ = tokio::time::sleep(sleep_for) => force_full = true,
             _ = closed.changed() => {}
         }
     }

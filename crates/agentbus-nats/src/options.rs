@@ -68,6 +68,11 @@ pub struct NatsOptions {
     /// the JetStream sync interval; default none (the interval is then reported as
     /// unknown, with the server's default).
     pub monitor_url: Option<String>,
+    /// `Bus::request` over core NATS request/reply (default true): low latency, "no
+    /// responders" straight from the server, at most once (a request is not stored).
+    /// False sends requests through the stream like any message (durable, at least
+    /// once, a reply inbox channel).
+    pub core_requests: bool,
 }
 
 impl Default for NatsOptions {
@@ -86,6 +91,7 @@ impl Default for NatsOptions {
             idle_poll: Duration::from_millis(100),
             private_inactive_threshold: Duration::from_secs(30),
             monitor_url: None,
+            core_requests: true,
         }
     }
 }
@@ -162,6 +168,17 @@ impl NatsOptions {
                 }
                 "replicas" => options.replicas = number("replicas")? as usize,
                 "monitor" => options.monitor_url = Some(value.to_string()),
+                "core_requests" => {
+                    options.core_requests = match value {
+                        "true" | "1" | "" => true,
+                        "false" | "0" => false,
+                        _ => {
+                            return Err(invalid_input(format!(
+                                "NATS URL parameter core_requests={value:?}: use true or false"
+                            )))
+                        }
+                    }
+                }
                 "max_age_secs" => {
                     options.max_age = Some(Duration::from_secs(number("max_age_secs")?))
                 }
@@ -170,7 +187,7 @@ impl NatsOptions {
                 other => {
                     return Err(invalid_input(format!(
                         "unknown NATS URL parameter '{other}': use prefix, storage, replicas, \
-                         monitor, max_age_secs, max_bytes or max_messages"
+                         monitor, core_requests, max_age_secs, max_bytes or max_messages"
                     )))
                 }
             }

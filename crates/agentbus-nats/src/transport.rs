@@ -51,7 +51,7 @@ pub(crate) struct Inner {
     pub(crate) dlq: stream::Stream,
     /// Group name → pattern, for every group on the stream (kept live from JetStream's
     /// consumer advisories).
-    pub(crate) groups: RwLock<HashMap<String, String>>,
+    pub(crate) groups: RwLock<HashMap<String, ChannelPattern>>,
     configs: Mutex<Vec<(ChannelPattern, ChannelConfig)>>,
     /// Per limited channel: (messages the server last reported, publishes since).
     estimates: Mutex<HashMap<String, (u64, u64)>>,
@@ -220,6 +220,27 @@ impl NatsTransport {
             .map(|(_, c)| c.clone())
     }
 
+    /// A reply to a core request: straight to the requester's inbox subject.
+    async fn reply_core(&self, envelope: Envelope) -> Result<PublishReceipt> {
+        let headers = wire::encode(&envelope)?;
+        self.inner
+            .client
+            .publish_with_headers(
+                envelope.channel.as_str().to_string(),
+                headers,
+                envelope.payload,
+            )
+            .await
+            .map_err(|e| backend(format!("replying on '{}'", envelope.channel), e))?;
+        Ok(PublishReceipt {
+            id: envelope.header.id,
+            channel: envelope.channel,
+            sequence: 0,
+            duplicate: false,
+            groups: 1,
+        })
+    }
+
     /// Messages stored for `channel` (all lanes).
     async fn channel_count(&self, channel: &str) -> Result<u64> {
         let filter = format!("{}.*.{channel}", self.inner.options.prefix);
@@ -259,7 +280,7 @@ impl NatsTransport {
             .groups
             .read()
             .iter()
-            .filter(|(_, p)| ChannelPattern::new(p.as_str()).is_ok_and(|p| p.matches(channel)))
+            .filter(|(_, p)| p.matches(channel))
             .map(|(g, _)| g.clone())
             .collect();
         if !groups.is_empty() {
@@ -360,7 +381,7 @@ impl NatsTransport {
             .groups
             .read()
             .values()
-            .filter(|p| ChannelPattern::new(p.as_str()).is_ok_and(|p| p.matches(channel)))
+            .filter(|p| p.matches(channel))
             .count()
     }
 }
@@ -469,9 +490,9 @@ impl Inner {
         let Some((_, pattern)) = rest.split_once('.') else {
             return;
         };
-        self.groups
-            .write()
-            .insert(group.to_string(), pattern.to_string());
+        if let Ok(pattern) = ChannelPattern::new(pattern) {
+            self.groups.write().insert(group.to_string(), pattern);
+        }
     }
 
     /// Publishes a dead letter (at least once: before the message is terminated).
@@ -572,6 +593,9 @@ impl Transport for NatsTransport {
     async fn publish(&self, envelope: Envelope) -> Result<PublishReceipt> {
         self.check_open()?;
         self.inner.limits.check(&envelope, Utc::now())?;
+        if envelope.channel.as_str().starts_with("_INBOX.") {
+            return self.reply_core(envelope).await;
+        }
         if let Some(config) = self.config_for(&envelope.channel) {
             self.make_room(&envelope.channel, &config).await?;
         }
@@ -816,9 +840,6 @@ impl Transport for NatsTransport {
             let Some(pattern) = self.inner.groups.read().get(group).cloned() else {
                 continue;
             };
-            let Ok(pattern) = ChannelPattern::new(pattern) else {
-                continue;
-            };
             let entry = groups
                 .entry(group.to_string())
                 .or_insert_with(|| GroupStats {
@@ -889,6 +910,95 @@ impl Transport for NatsTransport {
         // Acks are fire-and-forget publishes: make sure they left.
         let _ = tokio::time::timeout(Duration::from_secs(5), self.inner.client.flush()).await;
         Ok(())
+    }
+
+    fn native_requests(&self) -> bool {
+        self.inner.options.core_requests
+    }
+
+    async fn request(&self, mut envelope: Envelope, timeout: Duration) -> Result<Envelope> {
+        self.check_open()?;
+        self.inner.limits.check(&envelope, Utc::now())?;
+        let channel = envelope.channel.clone();
+        let inbox = self.inner.client.new_inbox();
+        envelope.header.reply_to = Some(ChannelName::new(&inbox)?);
+        let headers = wire::encode(&envelope)?;
+        let subject = wire::request_subject(&self.inner.options.prefix, channel.as_str());
+        let request = async_nats::Request::new()
+            .payload(envelope.payload)
+            .headers(headers)
+            .inbox(inbox)
+            .timeout(Some(timeout));
+        match self.inner.client.send_request(subject, request).await {
+            Ok(reply) => {
+                let reply_channel = reply.subject.to_string();
+                wire::decode_core(&reply_channel, reply.headers.as_ref(), reply.payload)
+            }
+            Err(e) => Err(match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => Error::new(
+                    ErrorKind::NoResponders,
+                    format!(
+                        "no responders for a request on channel '{channel}': nobody is \
+                         subscribed to it right now; start a responder or check the channel name"
+                    ),
+                )
+                .with_context("channel", &channel),
+                async_nats::RequestErrorKind::TimedOut => Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "request on channel '{channel}' timed out after {}: no reply came in \
+                         time; check that a responder is running and healthy, or raise the \
+                         timeout",
+                        humanize(timeout)
+                    ),
+                )
+                .with_context("channel", &channel),
+                _ => backend(format!("a request on channel '{channel}'"), e),
+            }),
+        }
+    }
+
+    async fn scatter(
+        &self,
+        mut envelope: Envelope,
+    ) -> Result<(usize, futures::stream::BoxStream<'static, Envelope>)> {
+        self.check_open()?;
+        self.inner.limits.check(&envelope, Utc::now())?;
+        let channel = envelope.channel.clone();
+        let inbox = self.inner.client.new_inbox();
+        envelope.header.reply_to = Some(ChannelName::new(&inbox)?);
+        let replies = self
+            .inner
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| {
+                backend(
+                    format!("subscribing to the replies of a gather on '{channel}'"),
+                    e,
+                )
+            })?;
+        let headers = wire::encode(&envelope)?;
+        let subject = wire::request_subject(&self.inner.options.prefix, channel.as_str());
+        self.inner
+            .client
+            .publish_with_reply_and_headers(subject, inbox, headers, envelope.payload)
+            .await
+            .map_err(|e| backend(format!("sending a gather on '{channel}'"), e))?;
+        let groups = self.count_groups(&channel);
+        let replies = replies
+            .filter_map(|m| async move {
+                let reply_channel = m.subject.to_string();
+                match wire::decode_core(&reply_channel, m.headers.as_ref(), m.payload) {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        tracing::warn!("ignoring an unreadable gather reply: {e}");
+                        None
+                    }
+                }
+            })
+            .boxed();
+        Ok((groups, replies))
     }
 
     async fn durability(&self) -> Result<DurabilityReport> {

@@ -98,6 +98,49 @@ pub(crate) fn decode(
     })
 }
 
+/// The envelope carried by a core NATS message (a request on
+/// `<prefix>_rq.<channel>`, or a reply on an inbox subject): `channel` is the
+/// agentbus channel it belongs to.
+///
+/// # Errors
+/// [`ErrorKind::Schema`] without a valid `Agentbus-Header`; `InvalidChannel` for a
+/// subject that is no channel name.
+pub(crate) fn decode_core(
+    channel: &str,
+    headers: Option<&HeaderMap>,
+    payload: Bytes,
+) -> Result<Envelope> {
+    let channel = ChannelName::new(channel)?;
+    let raw = headers
+        .and_then(|h| h.get(HEADER))
+        .map(|v| v.as_str().to_string())
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Schema,
+                format!(
+                    "a message for '{channel}' has no {HEADER} header: it was not sent by agentbus"
+                ),
+            )
+        })?;
+    let header: Header = serde_json::from_str(&raw).map_err(|e| {
+        Error::new(
+            ErrorKind::Schema,
+            format!("the {HEADER} header of a message for '{channel}' is not valid: {e}"),
+        )
+    })?;
+    Ok(Envelope {
+        channel,
+        header,
+        payload,
+    })
+}
+
+/// The core NATS subject requests on `channel_or_pattern` travel on (outside the
+/// stream, so they are never stored).
+pub(crate) fn request_subject(prefix: &str, channel_or_pattern: &str) -> String {
+    format!("{prefix}_rq.{channel_or_pattern}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

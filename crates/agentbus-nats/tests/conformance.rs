@@ -18,6 +18,8 @@ fn url() -> String {
 #[derive(Default)]
 struct Factory {
     prefixes: Arc<Mutex<Vec<String>>>,
+    /// Requests through the stream instead of core NATS request/reply.
+    stream_requests: bool,
 }
 
 impl TransportFactory for Factory {
@@ -28,10 +30,12 @@ impl TransportFactory for Factory {
     fn create(&self) -> BoxFuture<'static, agentbus::Result<Arc<dyn Transport>>> {
         let prefix = format!("abt{}", uuid::Uuid::new_v4().simple());
         self.prefixes.lock().push(prefix.clone());
+        let core_requests = !self.stream_requests;
         Box::pin(async move {
-            let options = NatsOptions::default()
+            let mut options = NatsOptions::default()
                 .prefix(prefix)
                 .storage(NatsStorage::Memory);
+            options.core_requests = core_requests;
             let transport = NatsTransport::connect(&url(), options).await?;
             Ok(Arc::new(transport) as Arc<dyn Transport>)
         })
@@ -62,3 +66,14 @@ impl TransportFactory for Factory {
 }
 
 agentbus_testkit::conformance_tests!(Factory::default());
+
+/// The whole suite again with `core_requests = false`: requests and replies through
+/// the stream and the bus's inbox channel.
+mod stream_requests {
+    use super::Factory;
+
+    agentbus_testkit::conformance_tests!(Factory {
+        stream_requests: true,
+        ..Factory::default()
+    });
+}

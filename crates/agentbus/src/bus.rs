@@ -527,6 +527,14 @@ impl Bus {
         mut request: Envelope,
         timeout: Duration,
     ) -> Result<Envelope> {
+        if self.inner.transport.native_requests() {
+            // The transport's own request/reply (NATS core): it fills reply_to.
+            request.header.deadline = Some(later(self.inner.clock.now(), timeout));
+            self.inner
+                .registry
+                .validate(&request, self.inner.strict_kinds)?;
+            return self.inner.transport.request(request, timeout).await;
+        }
         let inbox = self.inbox().await?.clone();
         let now = self.inner.clock.now();
         request.header.reply_to = Some(inbox);
@@ -606,6 +614,67 @@ impl Bus {
         self.envelope(&reply_to, reply, &options)
     }
 
+    /// Scatter-gather over the transport's own request/reply (NATS core): the same
+    /// limits as [`Bus::gather_envelope`], the replies from the transport's stream.
+    async fn gather_native(
+        &self,
+        mut request: Envelope,
+        spec: &GatherSpec,
+    ) -> Result<GatherResult<Envelope>> {
+        use futures::StreamExt;
+
+        let now = self.inner.clock.now();
+        let end = later(now, spec.timeout);
+        request.header.deadline = Some(end);
+        self.inner
+            .registry
+            .validate(&request, self.inner.strict_kinds)?;
+        let (groups, mut replies) = self.inner.transport.scatter(request).await?;
+        let mut result = GatherResult {
+            replies: Vec::new(),
+            responders: Vec::new(),
+            missing: Vec::new(),
+            timed_out: false,
+            quorum_met: false,
+            groups,
+        };
+        if groups > 0 {
+            let sleep = self.inner.clock.sleep_until(end);
+            tokio::pin!(sleep);
+            loop {
+                if spec.max_replies.is_some_and(|n| result.replies.len() >= n) {
+                    break;
+                }
+                if !spec.expected.is_empty()
+                    && spec.expected.iter().all(|a| result.responders.contains(a))
+                {
+                    break;
+                }
+                tokio::select! {
+                    reply = replies.next() => match reply {
+                        Some(reply) => {
+                            result.responders.push(reply.header.sender.clone().unwrap_or_else(|| "?".into()));
+                            result.replies.push(reply);
+                        }
+                        None => break,
+                    },
+                    _ = &mut sleep => {
+                        result.timed_out = true;
+                        break;
+                    }
+                }
+            }
+        }
+        result.missing = spec
+            .expected
+            .iter()
+            .filter(|a| !result.responders.contains(a))
+            .cloned()
+            .collect();
+        result.quorum_met = spec.quorum.is_none_or(|q| result.replies.len() >= q);
+        Ok(result)
+    }
+
     /// Scatter-gather: publishes `request` and collects replies as `spec` says.
     ///
     /// # Errors
@@ -615,6 +684,9 @@ impl Bus {
         mut request: Envelope,
         spec: &GatherSpec,
     ) -> Result<GatherResult<Envelope>> {
+        if self.inner.transport.native_requests() {
+            return self.gather_native(request, spec).await;
+        }
         let inbox = self.inbox().await?.clone();
         let now = self.inner.clock.now();
         let end = later(now, spec.timeout);

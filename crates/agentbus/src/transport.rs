@@ -714,6 +714,58 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// Stops delivering; waiting consumers get [`ErrorKind::Closed`].
     async fn close(&self) -> Result<()>;
 
+    /// Whether the transport carries requests over its own request/reply mechanism
+    /// (NATS core request/reply) instead of publish + a reply inbox: when true,
+    /// [`Bus::request`](crate::Bus::request) calls [`Transport::request`]. Defaults to
+    /// false.
+    fn native_requests(&self) -> bool {
+        false
+    }
+
+    /// Sends `request` (its deadline set, its `reply_to` filled by the transport) over
+    /// the transport's own request/reply and waits up to `timeout` for one reply. Only
+    /// called when [`Transport::native_requests`] is true.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NoResponders`] when nobody listens on the channel;
+    /// [`ErrorKind::Timeout`] naming the channel and the wait; [`ErrorKind::Unsupported`]
+    /// from the default implementation.
+    async fn request(&self, request: Envelope, timeout: Duration) -> Result<Envelope> {
+        let _ = timeout;
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the '{}' transport has no native request/reply; a request on '{}' goes \
+                 through the bus's inbox instead",
+                self.name(),
+                request.channel
+            ),
+        ))
+    }
+
+    /// Scatter-gather over the transport's own request/reply: sends `request` (its
+    /// deadline set, `reply_to` filled by the transport) to every group matching its
+    /// channel and returns how many groups matched and the replies as they come. Only
+    /// called when [`Transport::native_requests`] is true; the bus applies the
+    /// gather's limits and timeout.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unsupported`] from the default implementation; send errors.
+    async fn scatter(
+        &self,
+        request: Envelope,
+    ) -> Result<(usize, futures::stream::BoxStream<'static, Envelope>)> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the '{}' transport has no native scatter-gather; a gather on '{}' goes \
+                 through the bus's inbox instead",
+                self.name(),
+                request.channel
+            ),
+        ))
+    }
+
     /// Reads the settings that decide what a receipt guarantees and says it plainly.
     ///
     /// The default describes a transport that keeps messages only in this process's
