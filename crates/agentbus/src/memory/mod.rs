@@ -3,7 +3,7 @@
 //! One mutex guards the [`state::State`] machine; every operation holds it briefly and
 //! never across an `.await`. Consumers pull: they take what is ready under the lock, or
 //! register on their group's [`Notify`] before releasing it, so no wake-up is lost. A
-//! timer task sleeps on the engine's [`Clock`] until the next ack-wait expiry or
+//! timer task sleeps on the engine's [`Clock`](crate::Clock) until the next ack-wait expiry or
 //! scheduled delivery; every operation also fires due timers itself, so with a
 //! [`ManualClock`](crate::ManualClock) a test sees the effect of `advance` at once.
 
