@@ -712,6 +712,10 @@ impl<'a> R<'a> {
         for _ in 0..count {
             let k = self.str()?;
             let v = self.str()?;
+            // Keys are written sorted and unique; anything else is not our encoding.
+            if headers.last_key_value().is_some_and(|(last, _)| *last >= k) {
+                return Err(invalid("header keys out of order or repeated"));
+            }
             headers.insert(k, v);
         }
         let content_type = self.str()?;
