@@ -161,9 +161,11 @@ pub fn scan(
                 }));
             }
         }
-        let bytes = storage
-            .read(name)
-            .map_err(|e| ScanError::Io(format!("reading {name}"), e))?;
+        let bytes = bytes::Bytes::from(
+            storage
+                .read(name)
+                .map_err(|e| ScanError::Io(format!("reading {name}"), e))?,
+        );
         let damaged = |offset: usize, what: String| {
             ScanError::Damaged(Damage {
                 file: name.clone(),
@@ -196,7 +198,8 @@ pub fn scan(
         while offset < bytes.len() {
             match read_frame(&bytes[offset..]) {
                 Frame::Ok(payload, len) => {
-                    let op = Op::decode(payload).map_err(|e| {
+                    let payload = bytes.slice_ref(payload);
+                    let op = Op::decode_shared(&payload).map_err(|e| {
                         damaged(
                             offset,
                             format!("a record with a valid checksum does not decode: {e}"),
