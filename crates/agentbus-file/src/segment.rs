@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use crate::codec::{read_frame, Frame, Op};
+use crate::codec::{read_frame, Frame, Op, FRAME_HEADER};
 use crate::storage::Storage;
 
 /// The magic at the start of every segment.
@@ -238,6 +238,17 @@ pub fn scan(
                 Frame::Zeros => {
                     return Err(damaged(offset, "a sealed segment ends in zeros".into()))
                 }
+                Frame::Corrupt(what) if last && torn_by_zeros(&bytes, offset) => {
+                    scan.torn = Some(TornTail {
+                        file: name.clone(),
+                        offset: offset as u64,
+                        dropped_bytes: (bytes.len() - offset) as u64,
+                        what: format!(
+                            "last record zero-filled from a sector boundary to the end ({what})"
+                        ),
+                    });
+                    break;
+                }
                 Frame::Corrupt(what) => return Err(damaged(offset, what)),
             }
         }
@@ -248,6 +259,33 @@ pub fn scan(
         });
     }
     Ok(scan)
+}
+
+/// Disks write whole sectors: a write cut short by a power loss can leave the file
+/// extended with zeros from a sector boundary on. A record that fails its checksum is
+/// such a torn write, not damage, when the bytes from a 512-byte-aligned offset inside
+/// it (its header, if the header is what fails) to the end of the file are all zero.
+/// A flipped bit leaves no such run of zeros, so it is still refused.
+fn torn_by_zeros(bytes: &[u8], offset: usize) -> bool {
+    const SECTOR: usize = 512;
+    let zeros_from = bytes
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |last_nonzero| last_nonzero + 1);
+    let aligned = zeros_from.div_ceil(SECTOR) * SECTOR;
+    if aligned >= bytes.len() || aligned <= offset {
+        return false;
+    }
+    let rest = &bytes[offset..];
+    let header_ok =
+        rest.len() >= FRAME_HEADER && crc32c::crc32c(&rest[..4]).to_le_bytes() == rest[4..8];
+    let frame_end = if header_ok {
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        offset + FRAME_HEADER + len
+    } else {
+        offset + FRAME_HEADER
+    };
+    aligned < frame_end
 }
 
 #[cfg(test)]
