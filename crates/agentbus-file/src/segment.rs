@@ -293,6 +293,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn zeros_from_a_sector_boundary_inside_the_last_record_are_a_torn_write() {
+        use crate::codec::write_frame;
+        let mut file = vec![1u8; 500];
+        let at = file.len();
+        write_frame(&mut file, &[7u8; 100]);
+        // Zero the record from the sector boundary at 512 on, and add zeros after.
+        for b in &mut file[512..] {
+            *b = 0;
+        }
+        file.resize(1024, 0);
+        assert!(torn_by_zeros(&file, at));
+        // A flipped bit instead: no zero run, so damage.
+        let mut flipped = vec![1u8; 500];
+        write_frame(&mut flipped, &[7u8; 100]);
+        flipped[at + 50] ^= 1;
+        assert!(!torn_by_zeros(&flipped, at));
+        // Zeros that start after the record end are not its tear.
+        let mut clean = vec![1u8; 500];
+        write_frame(&mut clean, &[7u8; 100]);
+        clean[at + 20] ^= 1;
+        clean.resize(2048, 0);
+        assert!(!torn_by_zeros(&clean, at));
+    }
+
+    #[test]
     fn names_round_trip() {
         assert_eq!(segment_name(7), "00000000000000000007.seg");
         assert_eq!(parse_segment_name(&segment_name(7)), Some(7));
