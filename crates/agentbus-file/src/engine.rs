@@ -10,7 +10,8 @@
 //! member of the previous process leave, so its unsettled deliveries are redelivered.
 //!
 //! Callers of `publish`, settlements and the dead-letter operations wait for their
-//! record to be as durable as the [`FsyncPolicy`] promises before they return.
+//! record to be as durable as the [`FsyncPolicy`] promises before they return
+//! (settlements only when [`FileOptions::sync_settlements`] is on, the default).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
