@@ -92,7 +92,7 @@ fn a_running_process_holds_the_lock() {
     let pid = holder.id().to_string();
     // Wait until it has the directory open (its PID is in the lock file).
     let lock = dir.path().join("LOCK");
-    for _ in 0..200 {
+    for _ in 0..800 {
         if std::fs::read_to_string(&lock).is_ok_and(|s| s.trim() == pid) {
             break;
         }

@@ -351,7 +351,19 @@ impl Op {
     /// # Errors
     /// [`DecodeError`] for bytes no encoder writes, including trailing bytes.
     pub fn decode(bytes: &[u8]) -> Result<Op, DecodeError> {
-        let mut r = R(bytes);
+        Self::decode_with(R(bytes, None))
+    }
+
+    /// Decodes one op from a whole record payload held in `bytes`; message payloads
+    /// share its buffer instead of being copied (what recovery uses).
+    ///
+    /// # Errors
+    /// As [`Op::decode`].
+    pub fn decode_shared(bytes: &bytes::Bytes) -> Result<Op, DecodeError> {
+        Self::decode_with(R(bytes, Some(bytes)))
+    }
+
+    fn decode_with(mut r: R<'_>) -> Result<Op, DecodeError> {
         let op = match r.u8()? {
             OP_OPEN => Op::Open {
                 now: r.time()?,
@@ -593,7 +605,9 @@ impl W<'_> {
     }
 }
 
-struct R<'a>(&'a [u8]);
+/// A reader over `.0`; when `.1` is the buffer `.0` lies in, byte strings are
+/// sliced from it rather than copied.
+struct R<'a>(&'a [u8], Option<&'a bytes::Bytes>);
 
 impl<'a> R<'a> {
     fn take(&mut self, n: usize) -> DResult<&'a [u8]> {
@@ -712,10 +726,18 @@ impl<'a> R<'a> {
         for _ in 0..count {
             let k = self.str()?;
             let v = self.str()?;
+            // Keys are written sorted and unique; anything else is not our encoding.
+            if headers.last_key_value().is_some_and(|(last, _)| *last >= k) {
+                return Err(invalid("header keys out of order or repeated"));
+            }
             headers.insert(k, v);
         }
         let content_type = self.str()?;
-        let payload = bytes::Bytes::copy_from_slice(self.bytes()?);
+        let raw = self.bytes()?;
+        let payload = match self.1 {
+            Some(base) if !raw.is_empty() => base.slice_ref(raw),
+            _ => bytes::Bytes::copy_from_slice(raw),
+        };
         Ok(Envelope {
             channel,
             header: Header {

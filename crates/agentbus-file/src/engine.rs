@@ -10,7 +10,8 @@
 //! member of the previous process leave, so its unsettled deliveries are redelivered.
 //!
 //! Callers of `publish`, settlements and the dead-letter operations wait for their
-//! record to be as durable as the [`FsyncPolicy`] promises before they return.
+//! record to be as durable as the [`FsyncPolicy`] promises before they return
+//! (settlements only when [`FileOptions::sync_settlements`] is on, the default).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -71,6 +72,7 @@ struct Shared {
     clock: SharedClock,
     limits: PublishLimits,
     policy: FsyncPolicy,
+    sync_settlements: bool,
     closed: AtomicBool,
     timer_changed: Arc<Notify>,
     timer_task: OnceLock<()>,
@@ -317,6 +319,7 @@ impl FileEngine {
                     max_payload_bytes: options.max_payload_bytes,
                 },
                 policy: options.fsync,
+                sync_settlements: options.sync_settlements,
                 closed: AtomicBool::new(false),
                 timer_changed: Arc::new(Notify::new()),
                 timer_task: OnceLock::new(),
@@ -916,7 +919,9 @@ impl Settler for FileSettler {
             });
             state.settle(group, token, settlement, now, wake)
         });
-        self.shared.wait(lsn).await?;
+        if self.shared.sync_settlements {
+            self.shared.wait(lsn).await?;
+        }
         result
     }
 
@@ -944,7 +949,12 @@ impl Settler for FileSettler {
                 })
                 .collect::<Vec<_>>()
         });
-        if let Err(e) = self.shared.wait(lsn).await {
+        let waited = if self.shared.sync_settlements {
+            self.shared.wait(lsn).await
+        } else {
+            Ok(())
+        };
+        if let Err(e) = waited {
             let message = e.message().to_string();
             return (0..n)
                 .map(|_| Err(Error::new(e.kind(), message.clone()).set_temporary(false)))

@@ -8,8 +8,9 @@
 //! directory right after each of them anyway).
 //!
 //! - [`FaultyStorage::crash`] is a power loss: every file becomes its durable bytes
-//!   plus, chosen by the seed, none, a prefix, or a zero-filled stretch of its
-//!   unsynced bytes; files whose names were never synced vanish.
+//!   plus, chosen by the seed, none or any prefix of its unsynced bytes, or a prefix
+//!   followed by zeros (from the end of the synced bytes or a 512-byte boundary on:
+//!   sectors are written whole); files whose names were never synced vanish.
 //! - With [`Faults::sync_error`], a sync fails with `EIO`; like Linux, the failed
 //!   write-back leaves the page cache looking written while only an unknown prefix is
 //!   durable, and every *later* sync of that file reports success without persisting
@@ -135,7 +136,14 @@ impl FaultyStorage {
                         survived.extend_from_slice(&unsynced[..keep]);
                     }
                     _ => {
-                        let keep = rng.usize(0..=unsynced.len());
+                        // Sectors are written whole: zeros start where the synced
+                        // bytes end or at a 512-byte boundary after it.
+                        let start = file.durable.len();
+                        let mut zero_at = start + rng.usize(0..=unsynced.len());
+                        if zero_at != start {
+                            zero_at = (zero_at - zero_at % 512).max(start);
+                        }
+                        let keep = zero_at - start;
                         survived.extend_from_slice(&unsynced[..keep]);
                         let zeros = rng.usize(0..=unsynced.len() - keep);
                         survived.resize(survived.len() + zeros, 0);

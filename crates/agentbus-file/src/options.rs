@@ -79,6 +79,12 @@ pub struct FileOptions {
     pub max_payload_bytes: usize,
     /// How many dead letters are kept (the oldest beyond are dropped, counted).
     pub max_dead_letters: usize,
+    /// Whether ack / nack / reject wait for their record to be as durable as `fsync`
+    /// promises before returning. Default true. With false they return once the
+    /// record is queued for the writer: a crash may lose an ack that already
+    /// returned, and the message is delivered again (at-least-once allows it); a
+    /// consumer acking one message at a time then no longer waits for an fsync each.
+    pub sync_settlements: bool,
     /// Open a log with damage before its tail by quarantining the damaged part
     /// instead of refusing (what `agentbus repair` does). Default false.
     pub repair: bool,
@@ -93,6 +99,7 @@ impl fmt::Debug for FileOptions {
             .field("segment_bytes", &self.segment_bytes)
             .field("max_payload_bytes", &self.max_payload_bytes)
             .field("max_dead_letters", &self.max_dead_letters)
+            .field("sync_settlements", &self.sync_settlements)
             .field("repair", &self.repair)
             .finish_non_exhaustive()
     }
@@ -105,6 +112,7 @@ impl Default for FileOptions {
             segment_bytes: 64 * 1024 * 1024,
             max_payload_bytes: agentbus::transport::DEFAULT_MAX_PAYLOAD_BYTES,
             max_dead_letters: 100_000,
+            sync_settlements: true,
             repair: false,
             clock: std::sync::Arc::new(SystemClock),
         }
@@ -121,6 +129,13 @@ impl FileOptions {
     /// Sets the segment size.
     pub fn segment_bytes(mut self, bytes: u64) -> Self {
         self.segment_bytes = bytes;
+        self
+    }
+
+    /// Sets whether settlements wait for durability (see
+    /// [`FileOptions::sync_settlements`]).
+    pub fn sync_settlements(mut self, sync: bool) -> Self {
+        self.sync_settlements = sync;
         self
     }
 

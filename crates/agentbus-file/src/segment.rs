@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use crate::codec::{read_frame, Frame, Op};
+use crate::codec::{read_frame, Frame, Op, FRAME_HEADER};
 use crate::storage::Storage;
 
 /// The magic at the start of every segment.
@@ -161,9 +161,11 @@ pub fn scan(
                 }));
             }
         }
-        let bytes = storage
-            .read(name)
-            .map_err(|e| ScanError::Io(format!("reading {name}"), e))?;
+        let bytes = bytes::Bytes::from(
+            storage
+                .read(name)
+                .map_err(|e| ScanError::Io(format!("reading {name}"), e))?,
+        );
         let damaged = |offset: usize, what: String| {
             ScanError::Damaged(Damage {
                 file: name.clone(),
@@ -196,7 +198,8 @@ pub fn scan(
         while offset < bytes.len() {
             match read_frame(&bytes[offset..]) {
                 Frame::Ok(payload, len) => {
-                    let op = Op::decode(payload).map_err(|e| {
+                    let payload = bytes.slice_ref(payload);
+                    let op = Op::decode_shared(&payload).map_err(|e| {
                         damaged(
                             offset,
                             format!("a record with a valid checksum does not decode: {e}"),
@@ -235,6 +238,17 @@ pub fn scan(
                 Frame::Zeros => {
                     return Err(damaged(offset, "a sealed segment ends in zeros".into()))
                 }
+                Frame::Corrupt(what) if last && torn_by_zeros(&bytes, offset) => {
+                    scan.torn = Some(TornTail {
+                        file: name.clone(),
+                        offset: offset as u64,
+                        dropped_bytes: (bytes.len() - offset) as u64,
+                        what: format!(
+                            "last record zero-filled from a sector boundary to the end ({what})"
+                        ),
+                    });
+                    break;
+                }
                 Frame::Corrupt(what) => return Err(damaged(offset, what)),
             }
         }
@@ -247,9 +261,61 @@ pub fn scan(
     Ok(scan)
 }
 
+/// Disks write whole sectors: a write cut short by a power loss can leave the file
+/// extended with zeros from a sector boundary on. A record that fails its checksum is
+/// such a torn write, not damage, when the bytes from a 512-byte-aligned offset inside
+/// it (its header, if the header is what fails) to the end of the file are all zero.
+/// A flipped bit leaves no such run of zeros, so it is still refused.
+fn torn_by_zeros(bytes: &[u8], offset: usize) -> bool {
+    const SECTOR: usize = 512;
+    let zeros_from = bytes
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |last_nonzero| last_nonzero + 1);
+    let aligned = zeros_from.div_ceil(SECTOR) * SECTOR;
+    if aligned >= bytes.len() || aligned <= offset {
+        return false;
+    }
+    let rest = &bytes[offset..];
+    let header_ok =
+        rest.len() >= FRAME_HEADER && crc32c::crc32c(&rest[..4]).to_le_bytes() == rest[4..8];
+    let frame_end = if header_ok {
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        offset + FRAME_HEADER + len
+    } else {
+        offset + FRAME_HEADER
+    };
+    aligned < frame_end
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeros_from_a_sector_boundary_inside_the_last_record_are_a_torn_write() {
+        use crate::codec::write_frame;
+        let mut file = vec![1u8; 500];
+        let at = file.len();
+        write_frame(&mut file, &[7u8; 100]);
+        // Zero the record from the sector boundary at 512 on, and add zeros after.
+        for b in &mut file[512..] {
+            *b = 0;
+        }
+        file.resize(1024, 0);
+        assert!(torn_by_zeros(&file, at));
+        // A flipped bit instead: no zero run, so damage.
+        let mut flipped = vec![1u8; 500];
+        write_frame(&mut flipped, &[7u8; 100]);
+        flipped[at + 50] ^= 1;
+        assert!(!torn_by_zeros(&flipped, at));
+        // Zeros that start after the record end are not its tear.
+        let mut clean = vec![1u8; 500];
+        write_frame(&mut clean, &[7u8; 100]);
+        clean[at + 20] ^= 1;
+        clean.resize(2048, 0);
+        assert!(!torn_by_zeros(&clean, at));
+    }
 
     #[test]
     fn names_round_trip() {

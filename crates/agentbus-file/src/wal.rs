@@ -117,11 +117,9 @@ impl Wal {
     pub(crate) fn append(&self, records: &[u8]) -> u64 {
         let mut buffer = self.shared.buffer.lock();
         buffer.lsn += 1;
-        let was_empty = buffer.data.is_empty();
         buffer.data.extend_from_slice(records);
-        if was_empty {
-            self.shared.wake.notify_one();
-        }
+        // Every append wakes the writer: it may be gathering a batch.
+        self.shared.wake.notify_one();
         buffer.lsn
     }
 
@@ -185,6 +183,9 @@ impl Drop for Wal {
     }
 }
 
+/// The longest a batch waits for more appends before its fsync.
+const MAX_GATHER: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// The error every caller gets once the writer failed.
 pub(crate) fn write_failed(why: &str) -> Error {
     Error::new(
@@ -212,6 +213,11 @@ impl Writer {
     fn run(mut self) {
         let mut dirty = false;
         let mut last_sync = Instant::now();
+        // Group-commit gathering: the size of the last batch (in appends) and what
+        // writing + syncing it cost.
+        let mut taken_lsn = 0u64;
+        let mut last_batch = 0u64;
+        let mut batch_cost = std::time::Duration::ZERO;
         loop {
             let (data, lsn, closing) = {
                 let mut buffer = self.shared.buffer.lock();
@@ -231,9 +237,30 @@ impl Writer {
                         _ => self.shared.wake.wait(&mut buffer),
                     }
                 }
+                // The callers of the last batch are re-publishing right now: wait a
+                // little (a quarter of the last batch's cost, at most 2 ms) for as many
+                // appends as the last batch had, so one fsync serves them all instead
+                // of one fsync for the first to arrive and another for the rest.
+                if self.policy == FsyncPolicy::Always && !buffer.data.is_empty() {
+                    let deadline = Instant::now() + (batch_cost / 4).min(MAX_GATHER);
+                    while buffer.lsn - taken_lsn < last_batch && !buffer.closing {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            break;
+                        }
+                        self.shared.wake.wait_for(&mut buffer, deadline - now);
+                    }
+                }
+                last_batch = buffer.lsn - taken_lsn;
+                taken_lsn = buffer.lsn;
                 (std::mem::take(&mut buffer.data), buffer.lsn, buffer.closing)
             };
-            if let Err(e) = self.write_batch(&data, closing, &mut dirty, &mut last_sync) {
+            let started = Instant::now();
+            let written = self.write_batch(&data, closing, &mut dirty, &mut last_sync);
+            if !data.is_empty() {
+                batch_cost = started.elapsed();
+            }
+            if let Err(e) = written {
                 let message: Arc<str> = Arc::from(format!("{e}"));
                 tracing::error!(error = %message, "durable log write failed; the engine stops");
                 self.shared.buffer.lock().stopped = true;

@@ -305,3 +305,27 @@ async fn fsync_error_is_fatal_and_reopen_recovers() {
     );
     assert_eq!(kept[..ids.len()], ids[..]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsynced_settlements_still_persist_on_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = || FileOptions::default().sync_settlements(false);
+    let ids = {
+        let engine = FileEngine::open(dir.path(), options()).unwrap();
+        let mut consumer = engine.subscribe(sub("g")).await.unwrap();
+        let ids = publish_n(&engine, 4).await;
+        let got = take(&mut consumer, 4).await;
+        for d in &got[..3] {
+            d.ack().await.unwrap();
+        }
+        drop(consumer);
+        engine.close().await.unwrap();
+        ids
+    };
+    let engine = FileEngine::open(dir.path(), options()).unwrap();
+    let mut consumer = engine.subscribe(sub("g")).await.unwrap();
+    let got = take(&mut consumer, 1).await;
+    assert_eq!(got[0].envelope().header.id, ids[3]);
+    let quiet = tokio::time::timeout(Duration::from_millis(300), consumer.next_batch(1)).await;
+    assert!(quiet.is_err(), "acks written before the close are kept");
+}

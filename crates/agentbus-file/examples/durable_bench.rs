@@ -1,0 +1,407 @@
+//! Durable publish benchmark: the file engine with fsync `always` (and `never`),
+//! NATS JetStream (file storage) and Redis `XADD` (default and `appendfsync always`)
+//! measured in the same run, 256-byte payloads, 1 / 16 / 256 concurrent publishers,
+//! throughput and p50/p99 publish latency (publish call → receipt); then the
+//! recovery time of a large log.
+//!
+//! Run with:
+//!
+//! ```text
+//! cargo run --release -p agentbus-file --example durable_bench -- \
+//!     [--seconds 3] [--publishers 1,16,256] [--recovery-mb 1024] [--recovery-payload 4096] \
+//!     [--only file|nats|redis]
+//! ```
+//!
+//! NATS and Redis are started by the benchmark itself (`nats-server`, `redis-server`
+//! on free 127.0.0.1 ports, data in a temporary directory on the same disk as the
+//! file engine's), so their settings are known, and stopped at the end.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentbus::{ChannelConfig, ChannelName, ChannelPattern, Envelope, Transport};
+use agentbus_file::{FileEngine, FileOptions, FsyncPolicy};
+use futures::future::BoxFuture;
+use hdrhistogram::Histogram;
+
+type PublishFn = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+struct Args {
+    seconds: f64,
+    publishers: Vec<usize>,
+    recovery_mb: u64,
+    recovery_payload: usize,
+    only: Option<String>,
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        seconds: 3.0,
+        publishers: vec![1, 16, 256],
+        recovery_mb: 1024,
+        recovery_payload: 4096,
+        only: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_default();
+        match flag.as_str() {
+            "--seconds" => args.seconds = value.parse().expect("--seconds N"),
+            "--publishers" => {
+                args.publishers = value
+                    .split(',')
+                    .map(|s| s.trim().parse().expect("--publishers 1,16,256"))
+                    .collect()
+            }
+            "--recovery-mb" => args.recovery_mb = value.parse().expect("--recovery-mb N"),
+            "--recovery-payload" => {
+                args.recovery_payload = value.parse().expect("--recovery-payload BYTES")
+            }
+            "--only" => args.only = Some(value),
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    args
+}
+
+/// A server process killed when dropped.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn wait_for_port(port: u16) {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("nothing listens on port {port}");
+}
+
+fn start(program: &str, args: &[String], port: u16) -> Server {
+    let child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not start {program}: {e}"));
+    let server = Server(child);
+    wait_for_port(port);
+    server
+}
+
+/// Runs `publishers` tasks calling `publish` in a loop for `seconds`; prints a line.
+async fn measure(name: &str, publishers: usize, seconds: f64, publish: PublishFn) {
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..publishers)
+        .map(|_| {
+            let publish = publish.clone();
+            tokio::spawn(async move {
+                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+                let mut errors = 0u64;
+                while Instant::now() < deadline {
+                    let t0 = Instant::now();
+                    match publish().await {
+                        Ok(()) => {
+                            let _ = h.record(t0.elapsed().as_nanos() as u64);
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            if errors == 1 {
+                                eprintln!("{e}");
+                            }
+                        }
+                    }
+                }
+                (h, errors)
+            })
+        })
+        .collect();
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t.await.unwrap();
+        all.add(h).unwrap();
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let us = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "{name:<42} {publishers:>4} pubs {:>10.0} msg/s   p50 {:>9.1} µs   p99 {:>9.1} µs   ({} msgs{})",
+        all.len() as f64 / elapsed,
+        us(0.5),
+        us(0.99),
+        all.len(),
+        if errors > 0 {
+            format!(", {errors} errors")
+        } else {
+            String::new()
+        }
+    );
+}
+
+fn payload() -> bytes::Bytes {
+    bytes::Bytes::from(vec![b'x'; 256])
+}
+
+async fn file_engine(dir: &std::path::Path, policy: FsyncPolicy) -> FileEngine {
+    let engine = FileEngine::open(dir, FileOptions::default().fsync(policy)).unwrap();
+    engine
+        .configure_channels(
+            ChannelPattern::new("bench.>").unwrap(),
+            ChannelConfig {
+                max_bytes: None,
+                max_messages: None,
+                ..ChannelConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+    engine
+}
+
+async fn bench_file(args: &Args, root: &std::path::Path) {
+    for (label, policy) in [
+        ("file fsync=always", FsyncPolicy::Always),
+        ("file fsync=never", FsyncPolicy::Never),
+    ] {
+        for &p in &args.publishers {
+            let dir = tempfile::tempdir_in(root).unwrap();
+            let engine = file_engine(dir.path(), policy).await;
+            let channel = ChannelName::new("bench.durable").unwrap();
+            let body = payload();
+            let publish: PublishFn = {
+                let engine = engine.clone();
+                Arc::new(move || {
+                    let engine = engine.clone();
+                    let envelope = Envelope::new(channel.clone(), "bench", body.clone());
+                    Box::pin(async move {
+                        engine
+                            .publish(envelope)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    })
+                })
+            };
+            measure(label, p, args.seconds, publish).await;
+            let stats = engine.stats().await.unwrap();
+            println!(
+                "{:<42}           ({} fsyncs, {} write batches)",
+                "", stats.details["fsyncs"], stats.details["write_batches"]
+            );
+            engine.close().await.unwrap();
+        }
+    }
+}
+
+async fn bench_nats(args: &Args, root: &std::path::Path) {
+    let dir = tempfile::tempdir_in(root).unwrap();
+    let port = free_port();
+    let _server = start(
+        "nats-server",
+        &[
+            "-js".into(),
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-sd".into(),
+            dir.path().display().to_string(),
+        ],
+        port,
+    );
+    let client = async_nats::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    for &p in &args.publishers {
+        let name = format!("BENCH{p}");
+        let _ = js.delete_stream(&name).await;
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("bench{p}.>")],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let subject = format!("bench{p}.durable");
+        let body = payload();
+        let publish: PublishFn = {
+            let js = js.clone();
+            Arc::new(move || {
+                let js = js.clone();
+                let subject = subject.clone();
+                let body = body.clone();
+                Box::pin(async move {
+                    js.publish(subject, body)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                })
+            })
+        };
+        measure(
+            "nats jetstream file (default sync 2 min)",
+            p,
+            args.seconds,
+            publish,
+        )
+        .await;
+    }
+}
+
+async fn bench_redis(args: &Args, root: &std::path::Path) {
+    for (label, extra) in [
+        ("redis XADD (default: no AOF)", vec![]),
+        (
+            "redis XADD appendfsync always",
+            vec![
+                "--appendonly".to_string(),
+                "yes".into(),
+                "--appendfsync".into(),
+                "always".into(),
+            ],
+        ),
+    ] {
+        let dir = tempfile::tempdir_in(root).unwrap();
+        let port = free_port();
+        let mut server_args = vec![
+            "--port".to_string(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--dir".into(),
+            dir.path().display().to_string(),
+            "--save".into(),
+            "".into(),
+        ];
+        server_args.extend(extra);
+        let _server = start("redis-server", &server_args, port);
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+        let conn = client.get_multiplexed_async_connection().await.unwrap();
+        for &p in &args.publishers {
+            let body = payload();
+            let publish: PublishFn = {
+                let conn = conn.clone();
+                Arc::new(move || {
+                    let mut conn = conn.clone();
+                    let body = body.clone();
+                    Box::pin(async move {
+                        redis::cmd("XADD")
+                            .arg("bench")
+                            .arg("*")
+                            .arg("p")
+                            .arg(&body[..])
+                            .query_async::<String>(&mut conn)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    })
+                })
+            };
+            measure(label, p, args.seconds, publish).await;
+        }
+    }
+}
+
+/// Writes about `mb` MiB of log with `payload`-byte messages, closes, and times a
+/// reopen (the whole replay).
+async fn bench_recovery(args: &Args, root: &std::path::Path) {
+    if args.recovery_mb == 0 {
+        return;
+    }
+    let dir = tempfile::tempdir_in(root).unwrap();
+    let engine = file_engine(dir.path(), FsyncPolicy::Never).await;
+    let channel = ChannelName::new("bench.recovery").unwrap();
+    let body = bytes::Bytes::from(vec![b'r'; args.recovery_payload]);
+    let target = args.recovery_mb * 1024 * 1024;
+    let written = Instant::now();
+    let mut records = 0u64;
+    loop {
+        let stats = engine.stats().await.unwrap();
+        let bytes: u64 = stats.details["segment_bytes"].parse().unwrap();
+        if bytes >= target {
+            break;
+        }
+        let batch: Vec<Envelope> = (0..1000)
+            .map(|_| Envelope::new(channel.clone(), "bench", body.clone()))
+            .collect();
+        for r in engine.publish_batch(batch).await {
+            r.unwrap();
+        }
+        records += 1000;
+    }
+    engine.close().await.unwrap();
+    drop(engine);
+    println!(
+        "wrote {records} messages of {} bytes ({} MiB of log) in {:.1?}",
+        args.recovery_payload,
+        args.recovery_mb,
+        written.elapsed()
+    );
+    let t0 = Instant::now();
+    let engine = FileEngine::open(dir.path(), FileOptions::default()).unwrap();
+    let elapsed = t0.elapsed();
+    let recovery = engine.recovery().clone();
+    println!(
+        "recovery: opened {} records in {} segments in {:.3} s (replay {:.3} s)",
+        recovery.records,
+        recovery.segments,
+        elapsed.as_secs_f64(),
+        recovery.elapsed.as_secs_f64()
+    );
+    engine.close().await.unwrap();
+}
+
+fn main() {
+    let args = args();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Data on the same disk for every system: under target/ of the workspace.
+    let root = std::env::current_dir()
+        .unwrap()
+        .join("target/durable-bench");
+    std::fs::create_dir_all(&root).unwrap();
+    runtime.block_on(async {
+        let only = args.only.as_deref();
+        println!(
+            "256-byte payloads, {} s per measurement, publishers {:?}",
+            args.seconds, args.publishers
+        );
+        if only.is_none_or(|o| o == "file") {
+            bench_file(&args, &root).await;
+        }
+        if only.is_none_or(|o| o == "nats") {
+            bench_nats(&args, &root).await;
+        }
+        if only.is_none_or(|o| o == "redis") {
+            bench_redis(&args, &root).await;
+        }
+        if only.is_none_or(|o| o == "recovery") {
+            bench_recovery(&args, &root).await;
+        }
+    });
+}
