@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
-use agentbus::engine_core::{GroupId, MemberId, State, Take, Wake};
+use agentbus::engine_core::{GroupId, Handout, MemberId, State, Take, Wake};
 use agentbus::{
     Capabilities, ChannelConfig, ChannelPattern, Consumer, DeadLetter, DeadLetterFilter, Delivery,
     DurabilityReport, EngineStats, Envelope, Error, ErrorKind, MessageId, PublishLimits,
@@ -1026,18 +1026,11 @@ impl Consumer for FileConsumer {
                         notify.notify_waiters();
                     }
                     let settler: Arc<dyn Settler> = self.settler.clone();
-                    return Ok(handouts
-                        .into_iter()
-                        .map(|h| {
-                            Delivery::new(
-                                h.envelope,
-                                h.sequence,
-                                self.group_name.clone(),
-                                h.key,
-                                settler.clone(),
-                            )
-                        })
-                        .collect());
+                    return Ok(Handout::into_deliveries(
+                        handouts,
+                        &self.group_name,
+                        &settler,
+                    ));
                 }
                 Take::Empty | Take::PrefetchFull => notified.await,
             }

@@ -29,7 +29,7 @@ use crate::transport::{
     PublishLimits, PublishReceipt, Settlement, Settler, SubscribeOptions, Transport,
 };
 
-use state::{GroupId, MemberId, State, Take, Wake};
+use state::{GroupId, Handout, MemberId, State, Take, Wake};
 
 /// The in-memory engine.
 ///
@@ -451,18 +451,11 @@ impl Consumer for MemoryConsumer {
                         notify.notify_waiters();
                     }
                     let settler: Arc<dyn Settler> = self.settler.clone();
-                    return Ok(handouts
-                        .into_iter()
-                        .map(|h| {
-                            Delivery::new(
-                                h.envelope,
-                                h.sequence,
-                                self.group_name.clone(),
-                                h.key,
-                                settler.clone(),
-                            )
-                        })
-                        .collect());
+                    return Ok(Handout::into_deliveries(
+                        handouts,
+                        &self.group_name,
+                        &settler,
+                    ));
                 }
                 Take::Empty | Take::PrefetchFull => notified.await,
             }

@@ -193,6 +193,30 @@ pub struct Handout {
     pub key: u64,
 }
 
+impl Handout {
+    /// Turns a batch of handouts into deliveries of `group`, each settled through
+    /// `settler` with its key as the token (what every engine on this state machine
+    /// hands its consumers).
+    pub fn into_deliveries(
+        handouts: Vec<Handout>,
+        group: &Arc<str>,
+        settler: &Arc<dyn crate::transport::Settler>,
+    ) -> Vec<crate::transport::Delivery> {
+        handouts
+            .into_iter()
+            .map(|h| {
+                crate::transport::Delivery::new(
+                    h.envelope,
+                    h.sequence,
+                    group.clone(),
+                    h.key,
+                    settler.clone(),
+                )
+            })
+            .collect()
+    }
+}
+
 /// What [`State::take`] found.
 #[derive(Debug)]
 pub enum Take {
