@@ -292,6 +292,30 @@ impl Transport for ObservedTransport {
     async fn close(&self) -> Result<()> {
         self.inner.close().await
     }
+
+    // Everything below is forwarded as is: an observed transport must keep every
+    // ability of the one it wraps (native request/reply on NATS, what `doctor` reads).
+    // Native requests travel outside publish/subscribe, so they are not reported as
+    // published or delivered messages.
+
+    fn native_requests(&self) -> bool {
+        self.inner.native_requests()
+    }
+
+    async fn request(&self, request: Envelope, timeout: Duration) -> Result<Envelope> {
+        self.inner.request(request, timeout).await
+    }
+
+    async fn scatter(
+        &self,
+        request: Envelope,
+    ) -> Result<(usize, futures::stream::BoxStream<'static, Envelope>)> {
+        self.inner.scatter(request).await
+    }
+
+    async fn durability(&self) -> Result<crate::transport::DurabilityReport> {
+        self.inner.durability().await
+    }
 }
 
 /// Wraps a consumer: reports deliveries and swaps each delivery's settler for an
@@ -594,6 +618,86 @@ mod tests {
             };
             self.0.lock().push(format!("{}{extra}", event.name()));
         }
+    }
+
+    /// A memory engine that claims native request/reply and answers every request
+    /// itself, to show the observing wrapper keeps those abilities.
+    #[derive(Debug)]
+    struct EchoingEngine(MemoryEngine);
+
+    #[async_trait]
+    impl Transport for EchoingEngine {
+        fn name(&self) -> &str {
+            "echoing"
+        }
+        fn capabilities(&self) -> crate::transport::Capabilities {
+            self.0.capabilities()
+        }
+        async fn publish(&self, envelope: Envelope) -> Result<PublishReceipt> {
+            self.0.publish(envelope).await
+        }
+        async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Consumer>> {
+            self.0.subscribe(options).await
+        }
+        async fn configure_channels(
+            &self,
+            pattern: ChannelPattern,
+            config: ChannelConfig,
+        ) -> Result<()> {
+            self.0.configure_channels(pattern, config).await
+        }
+        async fn delete_group(&self, group: &str) -> Result<()> {
+            self.0.delete_group(group).await
+        }
+        async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>> {
+            self.0.dead_letters(filter).await
+        }
+        async fn dead_letter(&self, id: MessageId) -> Result<DeadLetter> {
+            self.0.dead_letter(id).await
+        }
+        async fn replay_dead_letter(&self, id: MessageId) -> Result<PublishReceipt> {
+            self.0.replay_dead_letter(id).await
+        }
+        async fn purge_dead_letters(&self, filter: DeadLetterFilter) -> Result<u64> {
+            self.0.purge_dead_letters(filter).await
+        }
+        async fn stats(&self) -> Result<EngineStats> {
+            self.0.stats().await
+        }
+        async fn close(&self) -> Result<()> {
+            self.0.close().await
+        }
+        fn native_requests(&self) -> bool {
+            true
+        }
+        async fn request(&self, request: Envelope, _timeout: Duration) -> Result<Envelope> {
+            Ok(request)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_wrapper_keeps_native_requests_and_the_durability_report() {
+        let inner: Arc<dyn Transport> = Arc::new(EchoingEngine(MemoryEngine::new()));
+        let observed = ObservedTransport::new(
+            inner.clone(),
+            vec![Arc::new(Names::default())],
+            Arc::new(crate::clock::SystemClock),
+        );
+        assert!(observed.native_requests());
+        let request = Envelope::json(ChannelName::new("svc").unwrap(), "t", &1).unwrap();
+        let id = request.header.id;
+        let echoed = observed
+            .request(request, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(
+            echoed.header.id, id,
+            "the request went to the wrapped transport"
+        );
+        assert_eq!(
+            observed.durability().await.unwrap(),
+            inner.durability().await.unwrap()
+        );
     }
 
     #[tokio::test]
