@@ -621,15 +621,64 @@ impl Bus {
         mut request: Envelope,
         spec: &GatherSpec,
     ) -> Result<GatherResult<Envelope>> {
-        use futures::StreamExt;
-
         let now = self.inner.clock.now();
         let end = later(now, spec.timeout);
         request.header.deadline = Some(end);
         self.inner
             .registry
             .validate(&request, self.inner.strict_kinds)?;
-        let (groups, mut replies) = self.inner.transport.scatter(request).await?;
+        let (groups, replies) = self.inner.transport.scatter(request).await?;
+        Ok(self
+            .collect_replies(spec, groups, groups > 0, replies, end)
+            .await)
+    }
+
+    /// Scatter-gather: publishes `request` and collects replies as `spec` says.
+    ///
+    /// # Errors
+    /// Publish errors only; no replies at all is a result with `timed_out` set.
+    pub async fn gather_envelope(
+        &self,
+        mut request: Envelope,
+        spec: &GatherSpec,
+    ) -> Result<GatherResult<Envelope>> {
+        if self.inner.transport.native_requests() {
+            return self.gather_native(request, spec).await;
+        }
+        let inbox = self.inbox().await?.clone();
+        let now = self.inner.clock.now();
+        let end = later(now, spec.timeout);
+        request.header.reply_to = Some(inbox);
+        request.header.deadline = Some(end);
+        let id = request.header.id;
+        let capacity = spec.max_replies.unwrap_or(1024).clamp(1, 65_536);
+        let (tx, mut rx) = mpsc::channel(capacity);
+        self.inner.waiters.lock().insert(id, Waiter::Many(tx));
+        let _guard = WaiterGuard {
+            waiters: &self.inner.waiters,
+            id,
+        };
+        let receipt = self.publish_envelope(request).await?;
+        let no_one = receipt.groups == 0 && self.inner.transport.capabilities().no_responders;
+        let replies = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        Ok(self
+            .collect_replies(spec, receipt.groups, !no_one, replies, end)
+            .await)
+    }
+
+    /// Collects `replies` until `spec`'s limits or `end` (only when `wait`), and says
+    /// who answered, who did not and whether the quorum was met. Shared by the inbox
+    /// and the native gather paths.
+    async fn collect_replies(
+        &self,
+        spec: &GatherSpec,
+        groups: usize,
+        wait: bool,
+        replies: impl futures::Stream<Item = Envelope>,
+        end: DateTime<Utc>,
+    ) -> GatherResult<Envelope> {
+        use futures::StreamExt;
+
         let mut result = GatherResult {
             replies: Vec::new(),
             responders: Vec::new(),
@@ -638,9 +687,10 @@ impl Bus {
             quorum_met: false,
             groups,
         };
-        if groups > 0 {
+        if wait {
             let sleep = self.inner.clock.sleep_until(end);
             tokio::pin!(sleep);
+            tokio::pin!(replies);
             loop {
                 if spec.max_replies.is_some_and(|n| result.replies.len() >= n) {
                     break;
@@ -672,81 +722,7 @@ impl Bus {
             .cloned()
             .collect();
         result.quorum_met = spec.quorum.is_none_or(|q| result.replies.len() >= q);
-        Ok(result)
-    }
-
-    /// Scatter-gather: publishes `request` and collects replies as `spec` says.
-    ///
-    /// # Errors
-    /// Publish errors only; no replies at all is a result with `timed_out` set.
-    pub async fn gather_envelope(
-        &self,
-        mut request: Envelope,
-        spec: &GatherSpec,
-    ) -> Result<GatherResult<Envelope>> {
-        if self.inner.transport.native_requests() {
-            return self.gather_native(request, spec).await;
-        }
-        let inbox = self.inbox().await?.clone();
-        let now = self.inner.clock.now();
-        let end = later(now, spec.timeout);
-        request.header.reply_to = Some(inbox);
-        request.header.deadline = Some(end);
-        let id = request.header.id;
-        let capacity = spec.max_replies.unwrap_or(1024).clamp(1, 65_536);
-        let (tx, mut rx) = mpsc::channel(capacity);
-        self.inner.waiters.lock().insert(id, Waiter::Many(tx));
-        let _guard = WaiterGuard {
-            waiters: &self.inner.waiters,
-            id,
-        };
-        let receipt = self.publish_envelope(request).await?;
-        let mut result = GatherResult {
-            replies: Vec::new(),
-            responders: Vec::new(),
-            missing: Vec::new(),
-            timed_out: false,
-            quorum_met: false,
-            groups: receipt.groups,
-        };
-        let no_one = receipt.groups == 0 && self.inner.transport.capabilities().no_responders;
-        if !no_one {
-            let sleep = self.inner.clock.sleep_until(end);
-            tokio::pin!(sleep);
-            loop {
-                if spec.max_replies.is_some_and(|n| result.replies.len() >= n) {
-                    break;
-                }
-                if !spec.expected.is_empty()
-                    && spec.expected.iter().all(|a| result.responders.contains(a))
-                {
-                    break;
-                }
-                tokio::select! {
-                    reply = rx.recv() => match reply {
-                        Some(reply) => {
-                            result.responders.push(reply.header.sender.clone().unwrap_or_else(|| "?".into()));
-                            result.replies.push(reply);
-                        }
-                        None => break,
-                    },
-                    _ = &mut sleep => {
-                        result.timed_out = true;
-                        break;
-                    }
-                }
-            }
-        } else {
-            result.timed_out = false;
-        }
-        result.missing = spec
-            .expected
-            .iter()
-            .filter(|a| !result.responders.contains(a))
-            .cloned()
-            .collect();
-        result.quorum_met = spec.quorum.is_none_or(|q| result.replies.len() >= q);
-        Ok(result)
+        result
     }
 
     /// Typed scatter-gather: replies that do not decode as `R` are skipped and counted
