@@ -44,7 +44,7 @@ impl std::fmt::Display for DecodeError {
     }
 }
 
-type DResult<T> = Result<T, DecodeError>;
+pub(crate) type DResult<T> = Result<T, DecodeError>;
 
 /// What reading a frame at some offset found.
 #[derive(Debug, PartialEq, Eq)]
@@ -309,14 +309,7 @@ impl Op {
             Op::Configure { pattern, config } => {
                 w.u8(OP_CONFIGURE);
                 w.str(pattern.as_str());
-                w.opt_duration(config.max_age);
-                w.opt_u64(config.max_bytes);
-                w.opt_u64(config.max_messages);
-                w.u8(match config.discard {
-                    Discard::RejectNew => 0,
-                    Discard::DropOldest => 1,
-                });
-                w.duration(config.dedup_window);
+                w.config(config);
             }
             Op::DeleteGroup { name } => {
                 w.u8(OP_DELETE_GROUP);
@@ -430,17 +423,7 @@ impl Op {
             OP_FIRE => Op::FireTimers { now: r.time()? },
             OP_CONFIGURE => {
                 let pattern = pattern(r.str()?)?;
-                let config = ChannelConfig {
-                    max_age: r.opt_duration()?,
-                    max_bytes: r.opt_u64()?,
-                    max_messages: r.opt_u64()?,
-                    discard: match r.u8()? {
-                        0 => Discard::RejectNew,
-                        1 => Discard::DropOldest,
-                        n => return Err(invalid(format!("unknown discard policy {n}"))),
-                    },
-                    dedup_window: r.duration()?,
-                };
+                let config = r.config()?;
                 Op::Configure { pattern, config }
             }
             OP_DELETE_GROUP => Op::DeleteGroup { name: r.str()? },
@@ -479,15 +462,15 @@ impl Op {
     }
 }
 
-fn invalid(why: impl Into<String>) -> DecodeError {
+pub(crate) fn invalid(why: impl Into<String>) -> DecodeError {
     DecodeError::Invalid(why.into())
 }
 
-fn pattern(text: String) -> DResult<ChannelPattern> {
+pub(crate) fn pattern(text: String) -> DResult<ChannelPattern> {
     ChannelPattern::new(&text).map_err(|e| invalid(format!("bad channel pattern: {e}")))
 }
 
-fn reason_code(reason: &DeadReason) -> u8 {
+pub(crate) fn reason_code(reason: &DeadReason) -> u8 {
     match reason {
         DeadReason::MaxDeliveries => 0,
         DeadReason::Expired => 1,
@@ -496,7 +479,7 @@ fn reason_code(reason: &DeadReason) -> u8 {
     }
 }
 
-fn reason_from(code: u8) -> DResult<DeadReason> {
+pub(crate) fn reason_from(code: u8) -> DResult<DeadReason> {
     Ok(match code {
         0 => DeadReason::MaxDeliveries,
         1 => DeadReason::Expired,
@@ -506,26 +489,27 @@ fn reason_from(code: u8) -> DResult<DeadReason> {
     })
 }
 
-struct W<'a>(&'a mut Vec<u8>);
+/// A writer of the encoding's fields onto a buffer.
+pub(crate) struct W<'a>(pub(crate) &'a mut Vec<u8>);
 
 impl W<'_> {
-    fn u8(&mut self, v: u8) {
+    pub(crate) fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
-    fn u32(&mut self, v: u32) {
+    pub(crate) fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn u64(&mut self, v: u64) {
+    pub(crate) fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn bytes(&mut self, v: &[u8]) {
+    pub(crate) fn bytes(&mut self, v: &[u8]) {
         self.u32(u32::try_from(v.len()).unwrap_or(u32::MAX));
         self.0.extend_from_slice(v);
     }
-    fn str(&mut self, v: &str) {
+    pub(crate) fn str(&mut self, v: &str) {
         self.bytes(v.as_bytes());
     }
-    fn opt_str(&mut self, v: Option<&str>) {
+    pub(crate) fn opt_str(&mut self, v: Option<&str>) {
         match v {
             None => self.u8(0),
             Some(s) => {
@@ -534,7 +518,7 @@ impl W<'_> {
             }
         }
     }
-    fn opt_u64(&mut self, v: Option<u64>) {
+    pub(crate) fn opt_u64(&mut self, v: Option<u64>) {
         match v {
             None => self.u8(0),
             Some(n) => {
@@ -543,11 +527,11 @@ impl W<'_> {
             }
         }
     }
-    fn time(&mut self, t: DateTime<Utc>) {
+    pub(crate) fn time(&mut self, t: DateTime<Utc>) {
         self.u64(t.timestamp() as u64);
         self.u32(t.timestamp_subsec_nanos());
     }
-    fn opt_time(&mut self, t: Option<DateTime<Utc>>) {
+    pub(crate) fn opt_time(&mut self, t: Option<DateTime<Utc>>) {
         match t {
             None => self.u8(0),
             Some(t) => {
@@ -556,11 +540,11 @@ impl W<'_> {
             }
         }
     }
-    fn duration(&mut self, d: Duration) {
+    pub(crate) fn duration(&mut self, d: Duration) {
         self.u64(d.as_secs());
         self.u32(d.subsec_nanos());
     }
-    fn opt_duration(&mut self, d: Option<Duration>) {
+    pub(crate) fn opt_duration(&mut self, d: Option<Duration>) {
         match d {
             None => self.u8(0),
             Some(d) => {
@@ -569,10 +553,20 @@ impl W<'_> {
             }
         }
     }
-    fn id(&mut self, id: MessageId) {
+    pub(crate) fn id(&mut self, id: MessageId) {
         self.0.extend_from_slice(id.0.as_bytes());
     }
-    fn envelope(&mut self, e: &Envelope) {
+    pub(crate) fn config(&mut self, config: &ChannelConfig) {
+        self.opt_duration(config.max_age);
+        self.opt_u64(config.max_bytes);
+        self.opt_u64(config.max_messages);
+        self.u8(match config.discard {
+            Discard::RejectNew => 0,
+            Discard::DropOldest => 1,
+        });
+        self.duration(config.dedup_window);
+    }
+    pub(crate) fn envelope(&mut self, e: &Envelope) {
         let h = &e.header;
         self.str(e.channel.as_str());
         self.id(h.id);
@@ -607,10 +601,10 @@ impl W<'_> {
 
 /// A reader over `.0`; when `.1` is the buffer `.0` lies in, byte strings are
 /// sliced from it rather than copied.
-struct R<'a>(&'a [u8], Option<&'a bytes::Bytes>);
+pub(crate) struct R<'a>(pub(crate) &'a [u8], pub(crate) Option<&'a bytes::Bytes>);
 
 impl<'a> R<'a> {
-    fn take(&mut self, n: usize) -> DResult<&'a [u8]> {
+    pub(crate) fn take(&mut self, n: usize) -> DResult<&'a [u8]> {
         if self.0.len() < n {
             return Err(DecodeError::Truncated);
         }
@@ -618,65 +612,65 @@ impl<'a> R<'a> {
         self.0 = rest;
         Ok(head)
     }
-    fn array<const N: usize>(&mut self) -> DResult<[u8; N]> {
+    pub(crate) fn array<const N: usize>(&mut self) -> DResult<[u8; N]> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.take(N)?);
         Ok(out)
     }
-    fn u8(&mut self) -> DResult<u8> {
+    pub(crate) fn u8(&mut self) -> DResult<u8> {
         Ok(self.take(1)?[0])
     }
-    fn u32(&mut self) -> DResult<u32> {
+    pub(crate) fn u32(&mut self) -> DResult<u32> {
         Ok(u32::from_le_bytes(self.array()?))
     }
-    fn u64(&mut self) -> DResult<u64> {
+    pub(crate) fn u64(&mut self) -> DResult<u64> {
         Ok(u64::from_le_bytes(self.array()?))
     }
-    fn flag(&mut self) -> DResult<bool> {
+    pub(crate) fn flag(&mut self) -> DResult<bool> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
             n => Err(invalid(format!("bad option flag {n}"))),
         }
     }
-    fn bytes(&mut self) -> DResult<&'a [u8]> {
+    pub(crate) fn bytes(&mut self) -> DResult<&'a [u8]> {
         let len = self.u32()? as usize;
         self.take(len)
     }
-    fn str(&mut self) -> DResult<String> {
+    pub(crate) fn str(&mut self) -> DResult<String> {
         let bytes = self.bytes()?;
         std::str::from_utf8(bytes)
             .map(str::to_owned)
             .map_err(|_| invalid("a text field is not UTF-8"))
     }
-    fn opt_str(&mut self) -> DResult<Option<String>> {
+    pub(crate) fn opt_str(&mut self) -> DResult<Option<String>> {
         if self.flag()? {
             self.str().map(Some)
         } else {
             Ok(None)
         }
     }
-    fn opt_u64(&mut self) -> DResult<Option<u64>> {
+    pub(crate) fn opt_u64(&mut self) -> DResult<Option<u64>> {
         if self.flag()? {
             self.u64().map(Some)
         } else {
             Ok(None)
         }
     }
-    fn time(&mut self) -> DResult<DateTime<Utc>> {
+    pub(crate) fn time(&mut self) -> DResult<DateTime<Utc>> {
         let secs = self.u64()? as i64;
         let nanos = self.u32()?;
         DateTime::from_timestamp(secs, nanos)
             .ok_or_else(|| invalid(format!("timestamp {secs}.{nanos} is out of range")))
     }
-    fn opt_time(&mut self) -> DResult<Option<DateTime<Utc>>> {
+    pub(crate) fn opt_time(&mut self) -> DResult<Option<DateTime<Utc>>> {
         if self.flag()? {
             self.time().map(Some)
         } else {
             Ok(None)
         }
     }
-    fn duration(&mut self) -> DResult<Duration> {
+    pub(crate) fn duration(&mut self) -> DResult<Duration> {
         let secs = self.u64()?;
         let nanos = self.u32()?;
         if nanos >= 1_000_000_000 {
@@ -686,21 +680,45 @@ impl<'a> R<'a> {
         }
         Ok(Duration::new(secs, nanos))
     }
-    fn opt_duration(&mut self) -> DResult<Option<Duration>> {
+    pub(crate) fn opt_duration(&mut self) -> DResult<Option<Duration>> {
         if self.flag()? {
             self.duration().map(Some)
         } else {
             Ok(None)
         }
     }
-    fn id(&mut self) -> DResult<MessageId> {
+    pub(crate) fn id(&mut self) -> DResult<MessageId> {
         Ok(MessageId(uuid::Uuid::from_bytes(self.array()?)))
     }
-    fn channel(&mut self) -> DResult<ChannelName> {
+    pub(crate) fn channel(&mut self) -> DResult<ChannelName> {
         let text = self.str()?;
         ChannelName::new(&text).map_err(|e| invalid(format!("bad channel name: {e}")))
     }
-    fn envelope(&mut self) -> DResult<Envelope> {
+    pub(crate) fn config(&mut self) -> DResult<ChannelConfig> {
+        Ok(ChannelConfig {
+            max_age: self.opt_duration()?,
+            max_bytes: self.opt_u64()?,
+            max_messages: self.opt_u64()?,
+            discard: match self.u8()? {
+                0 => Discard::RejectNew,
+                1 => Discard::DropOldest,
+                n => return Err(invalid(format!("unknown discard policy {n}"))),
+            },
+            dedup_window: self.duration()?,
+        })
+    }
+    /// Fails unless every byte was read.
+    pub(crate) fn finish(&self, what: &str) -> DResult<()> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(invalid(format!(
+                "{} bytes left over after the {what}",
+                self.0.len()
+            )))
+        }
+    }
+    pub(crate) fn envelope(&mut self) -> DResult<Envelope> {
         let channel = self.channel()?;
         let id = self.id()?;
         let correlation_id = self.opt_str()?;

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
-use agentbus::engine_core::{GroupId, Handout, MemberId, State, Take, Wake};
+use agentbus::engine_core::{GroupId, Handout, MemberId, State, StateImage, Take, Wake};
 use agentbus::{
     Capabilities, ChannelConfig, ChannelPattern, Consumer, DeadLetter, DeadLetterFilter, Delivery,
     DurabilityReport, EngineStats, Envelope, Error, ErrorKind, MessageId, PublishLimits,
@@ -32,10 +32,16 @@ use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::checkpoint::{
+    checkpoint_name, is_unfinished_checkpoint, list_checkpoints, read_checkpoint, retire,
+    write_checkpoint,
+};
 use crate::codec::{encode_publish, write_frame, Op, PUBLISH_EXPECT_AT};
 use crate::options::{FileOptions, FsyncPolicy};
-use crate::repair::{quarantine, RepairReport};
-use crate::segment::{scan, segment_header, segment_name, ScanError, TornTail, SEGMENT_HEADER};
+use crate::repair::{quarantine, quarantine_checkpoint, RepairReport};
+use crate::segment::{
+    list_segments, scan, segment_header, segment_name, Damage, ScanError, TornTail, SEGMENT_HEADER,
+};
 use crate::storage::{StdStorage, Storage};
 use crate::wal::{write_failed, Tail, Wal};
 
@@ -79,6 +85,13 @@ struct Shared {
     lock: Mutex<Option<File>>,
     location: String,
     recovery: Recovery,
+    storage: Arc<dyn Storage>,
+    /// The smallest amount of log between checkpoints (`None`: no checkpoints).
+    checkpoint_bytes: Option<u64>,
+    checkpoints: Mutex<CheckpointStatus>,
+    checkpoint_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// This engine, for the checkpoint thread to hold while it works.
+    me: Weak<Shared>,
 }
 
 struct Inner {
@@ -86,14 +99,34 @@ struct Inner {
     wakers: HashMap<GroupId, Arc<Notify>>,
     journal: Vec<u8>,
     scratch: Vec<u8>,
+    /// Log bytes appended since the last checkpoint's boundary.
+    since_checkpoint: u64,
+    /// The log bytes after which the next checkpoint is due.
+    checkpoint_due: u64,
+    checkpoint_running: bool,
+}
+
+/// What the checkpoints of this engine did so far (shown by `stats`).
+#[derive(Debug, Clone, Default)]
+struct CheckpointStatus {
+    written: u64,
+    /// The newest checkpoint's file and size.
+    last: Option<(String, u64)>,
+    last_took: std::time::Duration,
+    segments_deleted: u64,
+    bytes_deleted: u64,
+    failures: u64,
+    last_error: Option<String>,
 }
 
 /// What opening found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recovery {
-    /// Records replayed.
+    /// The checkpoint the state was loaded from, if any (its file name).
+    pub checkpoint: Option<String>,
+    /// Records replayed (after the checkpoint, if there was one).
     pub records: u64,
-    /// Segments found.
+    /// Segments read (after the checkpoint, if there was one).
     pub segments: u64,
     /// A torn tail that was cut off, if any.
     pub torn: Option<TornTail>,
@@ -226,31 +259,74 @@ impl FileEngine {
     ) -> Result<FileEngine> {
         let started = std::time::Instant::now();
         let location = storage.describe();
+        let io = |what: String| move |e: std::io::Error| io_error(what, e);
+        let scan_error = |e: ScanError| match e {
+            ScanError::Damaged(damage) => corrupt_error(&location, &damage),
+            ScanError::Rejected(damage) => Error::new(
+                ErrorKind::Internal,
+                format!(
+                    "replaying the log in {location} diverged from what was journaled \
+                     ({damage}); this is a bug in agentbus: please report it with the \
+                     directory"
+                ),
+            ),
+            ScanError::Io(what, e) => io_error(what, e),
+        };
+        // A checkpoint cut short by a crash never got its final name: drop it.
+        for name in storage
+            .list()
+            .map_err(io(format!("could not list {location}")))?
+        {
+            if is_unfinished_checkpoint(&name) {
+                storage
+                    .remove(&name)
+                    .map_err(io(format!("could not remove {name}")))?;
+            }
+        }
         let mut repaired = None;
+        let load = |index: u64, name: &str| {
+            read_checkpoint(&*storage, name, index).and_then(|image| {
+                State::from_image(image).map_err(|e| {
+                    ScanError::Damaged(Damage {
+                        file: name.to_string(),
+                        offset: 0,
+                        what: e.message().to_string(),
+                    })
+                })
+            })
+        };
+        let (mut base, from, checkpoint) = loop {
+            let newest = list_checkpoints(&*storage).map_err(scan_error)?.pop();
+            let Some((index, name)) = newest else {
+                break (None, 1, None);
+            };
+            match load(index, &name) {
+                Ok(state) => break (Some(state), index, Some(name)),
+                Err(ScanError::Damaged(damage)) if options.repair && repaired.is_none() => {
+                    repaired = Some(quarantine_checkpoint(&*storage, &damage).map_err(|e| {
+                        io_error(format!("could not repair the log in {location}"), e)
+                    })?);
+                }
+                Err(e) => return Err(scan_error(e)),
+            }
+        };
         let (state, found) = loop {
-            let mut replay = Replay::new();
-            match scan(&*storage, |op| replay.apply(op)) {
+            // After a repair the scan starts over, from the checkpoint read afresh.
+            let mut replay = match (base.take(), &checkpoint) {
+                (Some(state), _) => Replay::with_state(state),
+                (None, Some(name)) => Replay::with_state(load(from, name).map_err(scan_error)?),
+                (None, None) => Replay::new(),
+            };
+            match scan(&*storage, from, |op| replay.apply(op)) {
                 Ok(found) => break (replay.state, found),
                 Err(ScanError::Damaged(damage)) if options.repair && repaired.is_none() => {
                     repaired = Some(quarantine(&*storage, &damage).map_err(|e| {
                         io_error(format!("could not repair the log in {location}"), e)
                     })?);
                 }
-                Err(ScanError::Damaged(damage)) => return Err(corrupt_error(&location, &damage)),
-                Err(ScanError::Rejected(damage)) => {
-                    return Err(Error::new(
-                        ErrorKind::Internal,
-                        format!(
-                            "replaying the log in {location} diverged from what was journaled \
-                             ({damage}); this is a bug in agentbus: please report it with the \
-                             directory"
-                        ),
-                    ))
-                }
-                Err(ScanError::Io(what, e)) => return Err(io_error(what, e)),
+                Err(e) => return Err(scan_error(e)),
             }
         };
-        let io = |what: String| move |e: std::io::Error| io_error(what, e);
         if let Some(name) = &found.empty_last {
             storage
                 .remove(name)
@@ -268,37 +344,51 @@ impl FileEngine {
                 .truncate(&torn.file, torn.offset)
                 .map_err(io(format!("could not truncate {}", torn.file)))?;
         }
-        let total_bytes: u64 = found.segments.iter().map(|s| s.valid_len).sum();
-        let tail = match found.segments.last() {
-            Some(last) => Tail {
-                index: last.index,
-                file: storage
-                    .open_append(&last.name)
-                    .map_err(io(format!("could not open {}", last.name)))?,
-                len: last.valid_len,
-                segments: found.segments.len() as u64,
-                bytes: total_bytes,
-            },
+        let replayed_bytes: u64 = found.segments.iter().map(|s| s.valid_len).sum();
+        let file = match found.segments.last() {
+            Some(last) => storage
+                .open_append(&last.name)
+                .map_err(io(format!("could not open {}", last.name)))?,
             None => {
-                let name = segment_name(1);
+                let name = segment_name(from);
                 let mut file = storage
                     .create(&name)
                     .map_err(io(format!("could not create {name}")))?;
-                file.write_all(&segment_header(1))
+                file.write_all(&segment_header(from))
                     .and_then(|_| file.sync())
                     .and_then(|_| storage.sync_dir())
                     .map_err(io(format!("could not write {name}")))?;
-                Tail {
-                    index: 1,
-                    file,
-                    len: SEGMENT_HEADER as u64,
-                    segments: 1,
-                    bytes: SEGMENT_HEADER as u64,
-                }
+                file
             }
+        };
+        // Every segment file counts in the statistics, the ones a checkpoint covers too.
+        let mut segments = 0;
+        let mut bytes = 0;
+        for (_, name) in list_segments(&*storage).map_err(scan_error)? {
+            segments += 1;
+            bytes += storage
+                .size(&name)
+                .map_err(io(format!("could not read the size of {name}")))?;
+        }
+        let tail = Tail {
+            index: found.segments.last().map_or(from, |last| last.index),
+            file,
+            len: found
+                .segments
+                .last()
+                .map_or(SEGMENT_HEADER as u64, |last| last.valid_len),
+            segments,
+            bytes,
+        };
+        let checkpoint_size = match &checkpoint {
+            Some(name) => storage
+                .size(name)
+                .map_err(io(format!("could not read the size of {name}")))?,
+            None => 0,
         };
         let wal = Wal::start(storage.clone(), tail, options.fsync, options.segment_bytes)?;
         let recovery = Recovery {
+            checkpoint,
             records: found.records,
             segments: found.segments.len() as u64,
             torn: found.torn.clone(),
@@ -306,12 +396,18 @@ impl FileEngine {
             elapsed: started.elapsed(),
         };
         let engine = FileEngine {
-            shared: Arc::new(Shared {
+            shared: Arc::new_cyclic(|me| Shared {
                 inner: Mutex::new(Inner {
                     state,
                     wakers: HashMap::new(),
                     journal: Vec::new(),
                     scratch: Vec::new(),
+                    // A long replay makes the first checkpoint due at once.
+                    since_checkpoint: replayed_bytes,
+                    checkpoint_due: options
+                        .checkpoint_bytes
+                        .map_or(u64::MAX, |min| min.max(checkpoint_size)),
+                    checkpoint_running: false,
                 }),
                 wal,
                 clock: options.clock.clone(),
@@ -326,6 +422,11 @@ impl FileEngine {
                 lock: Mutex::new(lock),
                 location,
                 recovery,
+                storage,
+                checkpoint_bytes: options.checkpoint_bytes,
+                checkpoints: Mutex::new(CheckpointStatus::default()),
+                checkpoint_thread: Mutex::new(None),
+                me: me.clone(),
             }),
         };
         // The restart itself is a journaled step: members of the previous process
@@ -377,6 +478,14 @@ impl Replay {
     pub(crate) fn new() -> Self {
         let mut state = State::new();
         state.deterministic_dead_ids = true;
+        Replay {
+            state,
+            wake: Wake::new(),
+        }
+    }
+
+    /// Continues from a checkpoint's state.
+    fn with_state(state: State) -> Self {
         Replay {
             state,
             wake: Wake::new(),
@@ -536,7 +645,7 @@ impl Shared {
     ) -> (T, u64) {
         let now = self.clock.now();
         let mut wake = Wake::new();
-        let (result, lsn, notifies, timer_moved) = {
+        let (result, lsn, notifies, timer_moved, checkpoint) = {
             let mut guard = self.inner.lock();
             let inner = &mut *guard;
             inner.journal.clear();
@@ -550,6 +659,11 @@ impl Shared {
             } else {
                 self.wal.append(&inner.journal)
             };
+            let checkpoint = if lsn == 0 {
+                None
+            } else {
+                self.checkpoint_if_due(inner)
+            };
             let notifies: Vec<Arc<Notify>> = if wake.is_empty() {
                 Vec::new()
             } else {
@@ -560,8 +674,11 @@ impl Shared {
                     .collect()
             };
             let timer_moved = inner.state.take_timer_wake();
-            (result, lsn, notifies, timer_moved)
+            (result, lsn, notifies, timer_moved, checkpoint)
         };
+        if let Some((image, boundary)) = checkpoint {
+            self.start_checkpoint(image, boundary);
+        }
         for notify in notifies {
             notify.notify_waiters();
         }
@@ -569,6 +686,93 @@ impl Shared {
             self.timer_changed.notify_one();
         }
         (result, lsn)
+    }
+
+    /// Counts what was just appended and, when a checkpoint is due and none is being
+    /// written, pictures the state and asks the writer for a segment boundary right
+    /// after the records that state includes (both under the state lock, so the
+    /// picture and the boundary match exactly).
+    fn checkpoint_if_due(
+        &self,
+        inner: &mut Inner,
+    ) -> Option<(StateImage, std::sync::mpsc::Receiver<u64>)> {
+        self.checkpoint_bytes?;
+        inner.since_checkpoint += inner.journal.len() as u64;
+        if inner.checkpoint_running || inner.since_checkpoint < inner.checkpoint_due {
+            return None;
+        }
+        inner.checkpoint_running = true;
+        inner.since_checkpoint = 0;
+        Some((inner.state.image(), self.wal.request_boundary()))
+    }
+
+    /// Writes the checkpoint on its own thread: encoding and syncing a large state
+    /// takes a while, and the engine goes on meanwhile.
+    fn start_checkpoint(&self, image: StateImage, boundary: std::sync::mpsc::Receiver<u64>) {
+        let Some(shared) = self.me.upgrade() else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("agentbus-checkpoint".into())
+            .spawn(move || shared.write_checkpoint(image, boundary));
+        match spawned {
+            Ok(handle) => *self.checkpoint_thread.lock() = Some(handle),
+            Err(e) => self.checkpoint_done(Err(format!("could not start its thread: {e}")), 0),
+        }
+    }
+
+    fn write_checkpoint(&self, image: StateImage, boundary: std::sync::mpsc::Receiver<u64>) {
+        let started = std::time::Instant::now();
+        let written = boundary
+            .recv()
+            .map_err(|_| "the log writer stopped before the checkpoint's boundary".to_string())
+            .and_then(|index| {
+                let name = checkpoint_name(index);
+                let bytes = write_checkpoint(&*self.storage, index, &image)
+                    .map_err(|e| format!("writing {name}: {e}"))?;
+                Ok((index, name, bytes))
+            });
+        drop(image);
+        let outcome = written.and_then(|(index, name, bytes)| {
+            let retired = retire(&*self.storage, index)
+                .map_err(|e| format!("deleting what {name} made redundant: {e}"))?;
+            Ok((name, bytes, retired))
+        });
+        let took = started.elapsed();
+        let next_due = match &outcome {
+            Ok((name, bytes, retired)) => {
+                self.wal
+                    .forget_segments(retired.segments, retired.segment_bytes);
+                let mut status = self.checkpoints.lock();
+                status.written += 1;
+                status.last = Some((name.clone(), *bytes));
+                status.last_took = took;
+                status.segments_deleted += retired.segments;
+                status.bytes_deleted += retired.segment_bytes;
+                tracing::debug!(checkpoint = %name, bytes, ?took, segments_deleted = retired.segments, "checkpoint written");
+                *bytes
+            }
+            Err(_) => 0,
+        };
+        self.checkpoint_done(outcome.map(|_| ()), next_due);
+    }
+
+    /// Records the end of a checkpoint attempt; the next one is due after at least
+    /// `checkpoint_bytes` of log, and never sooner than the log has grown by the size
+    /// of the checkpoint just written (so checkpoints cost at most as much writing as
+    /// the log itself).
+    fn checkpoint_done(&self, outcome: std::result::Result<(), String>, size: u64) {
+        if let Err(why) = outcome {
+            if !self.closed.load(Ordering::Acquire) {
+                tracing::warn!(error = %why, dir = %self.location, "a checkpoint failed; the log is complete without it and the next one will be tried later");
+            }
+            let mut status = self.checkpoints.lock();
+            status.failures += 1;
+            status.last_error = Some(why);
+        }
+        let mut inner = self.inner.lock();
+        inner.checkpoint_running = false;
+        inner.checkpoint_due = self.checkpoint_bytes.map_or(u64::MAX, |min| min.max(size));
     }
 
     async fn wait(&self, lsn: u64) -> Result<()> {
@@ -804,6 +1008,49 @@ impl Transport for FileEngine {
             "recovery_ms".to_string(),
             recovery.elapsed.as_millis().to_string(),
         );
+        if let Some(name) = &recovery.checkpoint {
+            details.insert("recovered_from_checkpoint".to_string(), name.clone());
+        }
+        details.insert(
+            "checkpoint_every_bytes".to_string(),
+            self.shared
+                .checkpoint_bytes
+                .map_or("off".to_string(), |b| b.to_string()),
+        );
+        details.insert(
+            "log_bytes_since_checkpoint".to_string(),
+            self.shared.inner.lock().since_checkpoint.to_string(),
+        );
+        {
+            let status = self.shared.checkpoints.lock();
+            details.insert(
+                "checkpoints_written".to_string(),
+                status.written.to_string(),
+            );
+            if let Some((name, bytes)) = &status.last {
+                details.insert("last_checkpoint".to_string(), name.clone());
+                details.insert("last_checkpoint_bytes".to_string(), bytes.to_string());
+                details.insert(
+                    "last_checkpoint_ms".to_string(),
+                    status.last_took.as_millis().to_string(),
+                );
+            }
+            details.insert(
+                "segments_deleted".to_string(),
+                status.segments_deleted.to_string(),
+            );
+            details.insert(
+                "segment_bytes_deleted".to_string(),
+                status.bytes_deleted.to_string(),
+            );
+            if let Some(error) = &status.last_error {
+                details.insert(
+                    "checkpoint_failures".to_string(),
+                    status.failures.to_string(),
+                );
+                details.insert("last_checkpoint_error".to_string(), error.clone());
+            }
+        }
         if let Some(torn) = &recovery.torn {
             details.insert(
                 "torn_tail_cut".to_string(),
@@ -830,6 +1077,15 @@ impl Transport for FileEngine {
         }
         self.shared.timer_changed.notify_one();
         self.shared.wal.close();
+        // A checkpoint being written finishes first: it writes into the directory.
+        let checkpoint = self.shared.checkpoint_thread.lock().take();
+        if let Some(thread) = checkpoint {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            } else {
+                let _ = thread.join();
+            }
+        }
         // Release the directory for the next process (or the next open in this one).
         self.shared.lock.lock().take();
         Ok(())

@@ -309,6 +309,12 @@ impl Storage for FaultyStorage {
             .ok_or_else(|| not_found(name))
     }
 
+    fn size(&self, name: &str) -> io::Result<u64> {
+        let disk = self.disk.lock();
+        let file = disk.files.get(name).ok_or_else(|| not_found(name))?;
+        Ok(file.written.len() as u64)
+    }
+
     fn sync_dir(&self) -> io::Result<()> {
         for file in self.disk.lock().files.values_mut() {
             file.linked = true;

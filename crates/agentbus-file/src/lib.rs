@@ -7,6 +7,8 @@
 //!
 //! - [`codec`]: the record framing and record types (the on-disk format).
 //! - [`segment`]: segment files and the recovery rules.
+//! - [`checkpoint`]: checkpoints of the whole state, so opening replays only the log
+//!   after the newest one, and segments before the one before it are deleted.
 //! - [`storage`]: the small file layer the engine writes through; [`fault`] is a
 //!   seeded fault-injecting implementation for tests (power loss, bit flips, EIO).
 //! - [`repair()`]: move damage aside and report what was lost.
@@ -14,6 +16,7 @@
 //! `docs/DURABLE_LOG.md` describes the format, the recovery rules and what each fsync
 //! policy guarantees.
 
+pub mod checkpoint;
 pub mod codec;
 mod engine;
 pub mod fault;

@@ -85,6 +85,13 @@ pub struct FileOptions {
     /// returned, and the message is delivered again (at-least-once allows it); a
     /// consumer acking one message at a time then no longer waits for an fsync each.
     pub sync_settlements: bool,
+    /// Write a checkpoint once this many bytes of log were written since the last one
+    /// (or as many as the last checkpoint's own size, if larger: a checkpoint is
+    /// never written more often than its cost is paid back). After a checkpoint,
+    /// opening replays only the log written after it, and the segments before the
+    /// previous checkpoint are deleted. `None`: never; opening then replays the whole
+    /// log and no segment is ever deleted. Default 64 MiB.
+    pub checkpoint_bytes: Option<u64>,
     /// Open a log with damage before its tail by quarantining the damaged part
     /// instead of refusing (what `agentbus repair` does). Default false.
     pub repair: bool,
@@ -100,6 +107,7 @@ impl fmt::Debug for FileOptions {
             .field("max_payload_bytes", &self.max_payload_bytes)
             .field("max_dead_letters", &self.max_dead_letters)
             .field("sync_settlements", &self.sync_settlements)
+            .field("checkpoint_bytes", &self.checkpoint_bytes)
             .field("repair", &self.repair)
             .finish_non_exhaustive()
     }
@@ -113,6 +121,7 @@ impl Default for FileOptions {
             max_payload_bytes: agentbus::transport::DEFAULT_MAX_PAYLOAD_BYTES,
             max_dead_letters: 100_000,
             sync_settlements: true,
+            checkpoint_bytes: Some(64 * 1024 * 1024),
             repair: false,
             clock: std::sync::Arc::new(SystemClock),
         }
@@ -136,6 +145,20 @@ impl FileOptions {
     /// [`FileOptions::sync_settlements`]).
     pub fn sync_settlements(mut self, sync: bool) -> Self {
         self.sync_settlements = sync;
+        self
+    }
+
+    /// Sets [`FileOptions::checkpoint_bytes`]: how much log is written between
+    /// checkpoints (`None` turns checkpoints, and with them segment deletion, off).
+    ///
+    /// ```
+    /// use agentbus_file::FileOptions;
+    /// // Start-up replays at most ~16 MiB of log after the newest checkpoint.
+    /// let options = FileOptions::default().checkpoint_bytes(Some(16 << 20));
+    /// assert_eq!(options.checkpoint_bytes, Some(16 << 20));
+    /// ```
+    pub fn checkpoint_bytes(mut self, bytes: Option<u64>) -> Self {
+        self.checkpoint_bytes = bytes;
         self
     }
 

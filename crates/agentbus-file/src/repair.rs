@@ -125,3 +125,25 @@ pub(crate) fn quarantine(storage: &dyn Storage, damage: &Damage) -> io::Result<R
     storage.sync_dir()?;
     Ok(report)
 }
+
+/// Moves a damaged checkpoint aside (opening then falls back to the checkpoint before
+/// it, or to the whole log) and makes that durable.
+///
+/// # Errors
+/// Any I/O error.
+pub(crate) fn quarantine_checkpoint(
+    storage: &dyn Storage,
+    damage: &Damage,
+) -> io::Result<RepairReport> {
+    let size = storage.size(&damage.file)?;
+    let target = quarantine_name(&damage.file, damage.offset);
+    storage.rename(&damage.file, &target)?;
+    storage.sync_dir()?;
+    Ok(RepairReport {
+        damage: Some(damage.clone()),
+        quarantined: vec![(target, size)],
+        bytes: size,
+        records_lost: 0,
+        publishes_lost: 0,
+    })
+}

@@ -131,19 +131,39 @@ pub fn list_segments(storage: &dyn Storage) -> Result<Vec<(u64, String)>, ScanEr
     Ok(segments)
 }
 
-/// Reads every record of the log in order, calling `apply` with each, and applies
-/// the recovery rules: a torn tail of the last segment is reported in
-/// [`Scan::torn`] (not cut here); any other damage is an error naming the file and
-/// offset.
+/// Reads every record of the log from segment `from` on (1: the whole log; a
+/// checkpoint's index: what came after it) in order, calling `apply` with each, and
+/// applies the recovery rules: a torn tail of the last segment is reported in
+/// [`Scan::torn`] (not cut here); any other damage, a missing segment included, is an
+/// error naming the file and offset. Segments before `from` are not read.
 ///
 /// # Errors
 /// See [`ScanError`].
 pub fn scan(
     storage: &dyn Storage,
+    from: u64,
     mut apply: impl FnMut(Op) -> Result<(), String>,
 ) -> Result<Scan, ScanError> {
-    let segments = list_segments(storage)?;
+    let mut segments = list_segments(storage)?;
+    segments.retain(|(index, _)| *index >= from);
     let mut scan = Scan::default();
+    if let Some((first, name)) = segments.first() {
+        if *first != from {
+            return Err(ScanError::Damaged(Damage {
+                file: segment_name(from),
+                offset: 0,
+                what: format!(
+                    "segment {} is missing: the log {} continues there, but the first                      segment present is {name}",
+                    segment_name(from),
+                    if from == 1 {
+                        "starts".to_string()
+                    } else {
+                        format!("after checkpoint {}", crate::checkpoint::checkpoint_name(from))
+                    },
+                ),
+            }));
+        }
+    }
     for (position, (index, name)) in segments.iter().enumerate() {
         let last = position + 1 == segments.len();
         if position > 0 {

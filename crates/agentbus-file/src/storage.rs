@@ -79,6 +79,12 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
     /// Any I/O error.
     fn remove(&self, name: &str) -> io::Result<()>;
 
+    /// The size of a file in bytes (what a reader would see).
+    ///
+    /// # Errors
+    /// `NotFound` if it does not exist; any I/O error.
+    fn size(&self, name: &str) -> io::Result<u64>;
+
     /// Makes the directory's entries (created, renamed, removed files) durable.
     ///
     /// # Errors
@@ -169,6 +175,10 @@ impl Storage for StdStorage {
 
     fn remove(&self, name: &str) -> io::Result<()> {
         fs::remove_file(self.dir.join(name))
+    }
+
+    fn size(&self, name: &str) -> io::Result<u64> {
+        Ok(fs::metadata(self.dir.join(name))?.len())
     }
 
     fn sync_dir(&self) -> io::Result<()> {

@@ -37,6 +37,9 @@ struct Buffer {
     data: Vec<u8>,
     /// The LSN of the last append.
     lsn: u64,
+    /// A requested segment boundary: the offset in `data` where the next segment must
+    /// start, and who wants to know that segment's index.
+    roll: Option<(usize, std::sync::mpsc::Sender<u64>)>,
     closing: bool,
     stopped: bool,
 }
@@ -121,6 +124,30 @@ impl Wal {
         // Every append wakes the writer: it may be gathering a batch.
         self.shared.wake.notify_one();
         buffer.lsn
+    }
+
+    /// Asks for a segment boundary right after everything appended so far: the next
+    /// append goes into a new segment (unless the current one holds no record yet).
+    /// The receiver gets the index of the segment where the log continues once the
+    /// boundary is written, or is dropped if the writer fails first. Call it under
+    /// the same lock as `append`, with no other boundary outstanding.
+    pub(crate) fn request_boundary(&self) -> std::sync::mpsc::Receiver<u64> {
+        let (reply, receiver) = std::sync::mpsc::channel();
+        let mut buffer = self.shared.buffer.lock();
+        if buffer.stopped || buffer.closing {
+            // No boundary will ever be written: the dropped sender says so.
+            return receiver;
+        }
+        let at = buffer.data.len();
+        buffer.roll = Some((at, reply));
+        self.shared.wake.notify_one();
+        receiver
+    }
+
+    /// Takes deleted segments out of the statistics.
+    pub(crate) fn forget_segments(&self, segments: u64, bytes: u64) {
+        self.shared.segments.fetch_sub(segments, Ordering::Relaxed);
+        self.shared.bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// The error that stopped the writer, if any.
@@ -219,10 +246,10 @@ impl Writer {
         let mut last_batch = 0u64;
         let mut batch_cost = std::time::Duration::ZERO;
         loop {
-            let (data, lsn, closing) = {
+            let taken = {
                 let mut buffer = self.shared.buffer.lock();
                 loop {
-                    if !buffer.data.is_empty() || buffer.closing {
+                    if !buffer.data.is_empty() || buffer.closing || buffer.roll.is_some() {
                         break;
                     }
                     match self.policy {
@@ -253,17 +280,35 @@ impl Writer {
                 }
                 last_batch = buffer.lsn - taken_lsn;
                 taken_lsn = buffer.lsn;
-                (std::mem::take(&mut buffer.data), buffer.lsn, buffer.closing)
+                (
+                    std::mem::take(&mut buffer.data),
+                    buffer.lsn,
+                    buffer.closing,
+                    buffer.roll.take(),
+                )
             };
+            let (data, lsn, closing, roll) = taken;
             let started = Instant::now();
-            let written = self.write_batch(&data, closing, &mut dirty, &mut last_sync);
+            let (roll_at, reply) = match roll {
+                Some((at, reply)) => (Some(at), Some(reply)),
+                None => (None, None),
+            };
+            let written = self.write_batch(&data, roll_at, closing, &mut dirty, &mut last_sync);
             if !data.is_empty() {
                 batch_cost = started.elapsed();
+            }
+            if let (Ok(Some(index)), Some(reply)) = (&written, reply) {
+                // The checkpoint writer may have given up waiting; nothing to do then.
+                let _ = reply.send(*index);
             }
             if let Err(e) = written {
                 let message: Arc<str> = Arc::from(format!("{e}"));
                 tracing::error!(error = %message, "durable log write failed; the engine stops");
-                self.shared.buffer.lock().stopped = true;
+                {
+                    let mut buffer = self.shared.buffer.lock();
+                    buffer.stopped = true;
+                    buffer.roll = None;
+                }
                 self.shared
                     .durable
                     .send_modify(|d| d.failed = Some(message));
@@ -272,7 +317,7 @@ impl Writer {
             self.shared.durable.send_modify(|d| d.lsn = d.lsn.max(lsn));
             if closing {
                 let mut buffer = self.shared.buffer.lock();
-                if buffer.data.is_empty() {
+                if buffer.data.is_empty() && buffer.roll.is_none() {
                     buffer.stopped = true;
                     self.shared.durable.send_modify(|d| {
                         d.failed
@@ -284,13 +329,46 @@ impl Writer {
         }
     }
 
+    /// Writes a batch (with a segment boundary at `roll_at`, if asked for) and syncs
+    /// as the policy says. Returns the segment the log continues in after the
+    /// boundary, when there was one.
     fn write_batch(
         &mut self,
         data: &[u8],
+        roll_at: Option<usize>,
         closing: bool,
         dirty: &mut bool,
         last_sync: &mut Instant,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<Option<u64>> {
+        let (before, after) = data.split_at(roll_at.unwrap_or(data.len()).min(data.len()));
+        self.write_data(before, dirty)?;
+        let continued_in = match roll_at {
+            Some(_) => {
+                if self.len > SEGMENT_HEADER as u64 {
+                    self.roll()?;
+                    *dirty = false;
+                }
+                Some(self.index)
+            }
+            None => None,
+        };
+        self.write_data(after, dirty)?;
+        let sync = *dirty
+            && match self.policy {
+                FsyncPolicy::Always => true,
+                FsyncPolicy::Interval(every) => closing || last_sync.elapsed() >= every,
+                FsyncPolicy::Never => closing,
+            };
+        if sync {
+            self.file.sync()?;
+            self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+            *dirty = false;
+            *last_sync = Instant::now();
+        }
+        Ok(continued_in)
+    }
+
+    fn write_data(&mut self, data: &[u8], dirty: &mut bool) -> std::io::Result<()> {
         if !data.is_empty() {
             if self.len + data.len() as u64 > self.segment_bytes && self.len > SEGMENT_HEADER as u64
             {
@@ -304,18 +382,6 @@ impl Writer {
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
             self.shared.batches.fetch_add(1, Ordering::Relaxed);
             *dirty = true;
-        }
-        let sync = *dirty
-            && match self.policy {
-                FsyncPolicy::Always => true,
-                FsyncPolicy::Interval(every) => closing || last_sync.elapsed() >= every,
-                FsyncPolicy::Never => closing,
-            };
-        if sync {
-            self.file.sync()?;
-            self.shared.syncs.fetch_add(1, Ordering::Relaxed);
-            *dirty = false;
-            *last_sync = Instant::now();
         }
         Ok(())
     }

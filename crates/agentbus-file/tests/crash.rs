@@ -22,6 +22,14 @@ use agentbus_file::{FileEngine, FileOptions};
 const CHILD_ENV: &str = "AGENTBUS_CRASH_CHILD_DIR";
 const PUBLISHERS: usize = 16;
 
+/// Small segments and frequent checkpoints, so that kills also land while a
+/// checkpoint is written and while the segments it covers are deleted.
+fn crash_options() -> FileOptions {
+    FileOptions::default()
+        .segment_bytes(64 * 1024)
+        .checkpoint_bytes(Some(32 * 1024))
+}
+
 fn group_options() -> SubscribeOptions {
     SubscribeOptions::new(ChannelPattern::new("crash.>").unwrap())
         .group("workers")
@@ -49,7 +57,7 @@ fn crash_child() {
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let engine = match FileEngine::open(&dir, FileOptions::default()) {
+        let engine = match FileEngine::open(&dir, crash_options()) {
             Ok(engine) => engine,
             Err(e) => {
                 eprintln!("OPEN FAILED: {e}");
@@ -161,8 +169,7 @@ fn run_child(dir: &Path, run_for: Duration, seen: &mut Seen) {
 }
 
 async fn verify(dir: &Path, seen: &Seen) {
-    let engine =
-        FileEngine::open(dir, FileOptions::default()).expect("the log opens: no corrupt record");
+    let engine = FileEngine::open(dir, crash_options()).expect("the log opens: no corrupt record");
     let stats = engine.stats().await.unwrap();
     let stored = stats.channels.first().map_or(0, |c| c.messages);
     // Everything stored, via a private group from the earliest message.

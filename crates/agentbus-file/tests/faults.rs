@@ -35,7 +35,19 @@ async fn one_run(seed: u64) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let storage = FaultyStorage::new(seed);
     let segment_bytes = if rng.bool() { 512 } else { 64 * 1024 };
-    let options = || FileOptions::default().segment_bytes(segment_bytes);
+    // Checkpoints (and the segment deletion they allow) now and then, often, or never:
+    // a power loss may hit one half written, or between its rename and the deletions.
+    let checkpoint_bytes = match rng.u8(0..4) {
+        0 => None,
+        1 => Some(256),
+        2 => Some(2048),
+        _ => Some(64 * 1024),
+    };
+    let options = || {
+        FileOptions::default()
+            .segment_bytes(segment_bytes)
+            .checkpoint_bytes(checkpoint_bytes)
+    };
     let engine = FileEngine::open_with_storage(Arc::new(storage.clone()), options()).unwrap();
     let mut seen = Acked::default();
     let channels = [

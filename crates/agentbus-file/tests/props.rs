@@ -339,7 +339,12 @@ async fn check(engine: &FileEngine, model: &Model) -> Result<(), TestCaseError> 
 async fn run_model(cmds: Vec<Cmd>) -> Result<(), TestCaseError> {
     let mut storage = FaultyStorage::new(7);
     let open = |s: &FaultyStorage| {
-        FileEngine::open_with_storage(Arc::new(s.clone()), FileOptions::default()).unwrap()
+        // Small segments and frequent checkpoints: reopening loads a checkpoint and
+        // replays only what followed it, and old segments are deleted as it goes.
+        let options = FileOptions::default()
+            .segment_bytes(1024)
+            .checkpoint_bytes(Some(512));
+        FileEngine::open_with_storage(Arc::new(s.clone()), options).unwrap()
     };
     let mut engine = open(&storage);
     let mut consumer = Some(engine.subscribe(group()).await.unwrap());

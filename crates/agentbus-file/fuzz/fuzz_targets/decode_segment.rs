@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = file.write_all(&segment_header(1));
         let _ = file.write_all(data);
     }
-    let _ = scan(&storage, |op| {
+    let _ = scan(&storage, 1, |op| {
         let mut bytes = Vec::new();
         op.encode(&mut bytes);
         match Op::decode(&bytes) {

@@ -16,6 +16,13 @@
 //! first; only then does the channel's discard policy decide between dropping unread
 //! messages (counted) and refusing the publish with `Full`.
 
+mod image;
+
+pub use image::{
+    ChannelImage, DedupImage, GroupImage, MemberImage, MessageImage, PendingImage,
+    PendingImageState, StateImage, TimerImage,
+};
+
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, VecDeque};
 
@@ -1067,6 +1074,10 @@ impl State {
                 });
             }
         }
+        // Fired in a fixed order, not the group map's: firing can dead-letter, and
+        // dead-letter ids count up, so the order must be the same in a state restored
+        // from a checkpoint (whose map iterates differently) as in the original.
+        expired_acks.sort_unstable();
         for timer in expired_acks {
             self.fire(timer, now, wake);
         }
