@@ -291,12 +291,15 @@ impl State {
             return index;
         }
         let index = self.channels.len();
-        let groups: Vec<GroupId> = self
+        let mut groups: Vec<GroupId> = self
             .groups
             .iter()
             .filter(|(_, g)| g.pattern.matches(name))
             .map(|(&id, _)| id)
             .collect();
+        // In id order, not the map's: a state restored from a checkpoint must list
+        // them the same way.
+        groups.sort_unstable();
         for id in &groups {
             // A channel created after the group: the group reads it from the start.
             if let Some(group) = self.groups.get_mut(id) {
