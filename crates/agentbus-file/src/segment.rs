@@ -147,6 +147,19 @@ pub fn scan(
     let mut segments = list_segments(storage)?;
     segments.retain(|(index, _)| *index >= from);
     let mut scan = Scan::default();
+    // A checkpoint is written only after the segment it continues in was created and
+    // synced, so that segment must exist (a brand-new log has none at all).
+    if from > 1 && segments.is_empty() {
+        return Err(ScanError::Damaged(Damage {
+            file: segment_name(from),
+            offset: 0,
+            what: format!(
+                "segment {} is missing: the log continues there after checkpoint {}",
+                segment_name(from),
+                crate::checkpoint::checkpoint_name(from)
+            ),
+        }));
+    }
     if let Some((first, name)) = segments.first() {
         if *first != from {
             return Err(ScanError::Damaged(Damage {

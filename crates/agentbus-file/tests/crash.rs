@@ -171,6 +171,30 @@ fn run_child(dir: &Path, run_for: Duration, seen: &mut Seen) {
 async fn verify(dir: &Path, seen: &Seen) {
     let engine = FileEngine::open(dir, crash_options()).expect("the log opens: no corrupt record");
     let stats = engine.stats().await.unwrap();
+    // The kills landed on a log that checkpoints and deletes segments as it goes.
+    let files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let checkpoints = files.iter().filter(|f| f.ends_with(".ckpt")).count();
+    let first_segment = files
+        .iter()
+        .filter_map(|f| agentbus_file::segment::parse_segment_name(f))
+        .min();
+    println!(
+        "recovered from {:?} ({} records replayed); {checkpoints} checkpoint file(s), first \
+         segment {first_segment:?}",
+        engine.recovery().checkpoint,
+        engine.recovery().records
+    );
+    assert!(
+        (1..=2).contains(&checkpoints),
+        "expected one or two checkpoints, found {files:?}"
+    );
+    assert!(
+        engine.recovery().checkpoint.is_some(),
+        "the open did not start from a checkpoint"
+    );
     let stored = stats.channels.first().map_or(0, |c| c.messages);
     // Everything stored, via a private group from the earliest message.
     let mut all = engine
