@@ -325,52 +325,117 @@ async fn bench_redis(args: &Args, root: &std::path::Path) {
 }
 
 /// Writes about `mb` MiB of log with `payload`-byte messages, closes, and times a
-/// reopen (the whole replay).
+/// reopen, in three shapes: a backlog nobody consumed (the live state is the whole
+/// log, so the newest checkpoint is about as large), the same volume consumed and
+/// acked as it was written (a long history, a small live state), and that history
+/// with checkpoints off (the whole log is replayed).
 async fn bench_recovery(args: &Args, root: &std::path::Path) {
     if args.recovery_mb == 0 {
         return;
     }
-    let dir = tempfile::tempdir_in(root).unwrap();
-    let engine = file_engine(dir.path(), FsyncPolicy::Never).await;
-    let channel = ChannelName::new("bench.recovery").unwrap();
-    let body = bytes::Bytes::from(vec![b'r'; args.recovery_payload]);
-    let target = args.recovery_mb * 1024 * 1024;
-    let written = Instant::now();
-    let mut records = 0u64;
-    loop {
-        let stats = engine.stats().await.unwrap();
-        let bytes: u64 = stats.details["segment_bytes"].parse().unwrap();
-        if bytes >= target {
-            break;
+    let checkpoints_on = FileOptions::default().checkpoint_bytes;
+    for (shape, consume, checkpoint_bytes) in [
+        ("backlog, checkpoints on", false, checkpoints_on),
+        ("consumed, checkpoints on", true, checkpoints_on),
+        ("consumed, checkpoints off", true, None),
+    ] {
+        let dir = tempfile::tempdir_in(root).unwrap();
+        let options = FileOptions::default()
+            .fsync(FsyncPolicy::Never)
+            .checkpoint_bytes(checkpoint_bytes);
+        let engine = FileEngine::open(dir.path(), options.clone()).unwrap();
+        if !consume {
+            // Keep the whole backlog: the live state is the whole log. (Consumed, the
+            // channel's default limits trim what every group has acked.)
+            engine
+                .configure_channels(
+                    ChannelPattern::new("bench.>").unwrap(),
+                    ChannelConfig {
+                        max_bytes: None,
+                        max_messages: None,
+                        ..ChannelConfig::default()
+                    },
+                )
+                .await
+                .unwrap();
         }
-        let batch: Vec<Envelope> = (0..1000)
-            .map(|_| Envelope::new(channel.clone(), "bench", body.clone()))
-            .collect();
-        for r in engine.publish_batch(batch).await {
-            r.unwrap();
+        let mut consumer = if consume {
+            Some(
+                engine
+                    .subscribe(
+                        agentbus::SubscribeOptions::new(ChannelPattern::new("bench.>").unwrap())
+                            .group("drain")
+                            .prefetch(2_000),
+                    )
+                    .await
+                    .unwrap(),
+            )
+        } else {
+            None
+        };
+        let channel = ChannelName::new("bench.recovery").unwrap();
+        let body = bytes::Bytes::from(vec![b'r'; args.recovery_payload]);
+        let target = args.recovery_mb * 1024 * 1024;
+        let written = Instant::now();
+        let mut records = 0u64;
+        let mut log_bytes = 0u64;
+        while log_bytes < target {
+            let batch: Vec<Envelope> = (0..1000)
+                .map(|_| Envelope::new(channel.clone(), "bench", body.clone()))
+                .collect();
+            for r in engine.publish_batch(batch).await {
+                r.unwrap();
+            }
+            records += 1000;
+            if let Some(consumer) = consumer.as_mut() {
+                let mut drained = 0;
+                while drained < 1000 {
+                    let got = consumer.next_batch(1000 - drained).await.unwrap();
+                    drained += got.len();
+                    agentbus::ack_all(&got).await.unwrap();
+                }
+            }
+            let stats = engine.stats().await.unwrap();
+            let on_disk: u64 = stats.details["segment_bytes"].parse().unwrap();
+            let deleted: u64 = stats.details["segment_bytes_deleted"].parse().unwrap();
+            log_bytes = on_disk + deleted;
         }
-        records += 1000;
+        drop(consumer);
+        engine.close().await.unwrap();
+        drop(engine);
+        let on_disk: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        let t0 = Instant::now();
+        let engine = FileEngine::open(dir.path(), options).unwrap();
+        let elapsed = t0.elapsed();
+        let recovery = engine.recovery().clone();
+        let checkpoint_size = recovery
+            .checkpoint
+            .as_ref()
+            .map_or(0, |name| std::fs::metadata(dir.path().join(name)).unwrap().len());
+        println!(
+            "recovery [{shape}]: wrote {records} messages of {} bytes ({} MiB of log) in \
+             {:.1?}; {} MiB on disk at close; open took {:.3} s: checkpoint {} ({} MiB), \
+             then {} records in {} segments",
+            args.recovery_payload,
+            log_bytes >> 20,
+            written.elapsed(),
+            on_disk >> 20,
+            elapsed.as_secs_f64(),
+            recovery.checkpoint.as_deref().unwrap_or("none"),
+            checkpoint_size >> 20,
+            recovery.records,
+            recovery.segments,
+        );
+        engine.close().await.unwrap();
+        if std::env::var_os("DURABLE_BENCH_KEEP").is_some() {
+            // For profiling start-up with `examples/open_log`.
+            println!("kept {}", dir.path().display());
+            std::mem::forget(dir);
+        }
     }
-    engine.close().await.unwrap();
-    drop(engine);
-    println!(
-        "wrote {records} messages of {} bytes ({} MiB of log) in {:.1?}",
-        args.recovery_payload,
-        args.recovery_mb,
-        written.elapsed()
-    );
-    let t0 = Instant::now();
-    let engine = FileEngine::open(dir.path(), FileOptions::default()).unwrap();
-    let elapsed = t0.elapsed();
-    let recovery = engine.recovery().clone();
-    println!(
-        "recovery: opened {} records in {} segments in {:.3} s (replay {:.3} s)",
-        recovery.records,
-        recovery.segments,
-        elapsed.as_secs_f64(),
-        recovery.elapsed.as_secs_f64()
-    );
-    engine.close().await.unwrap();
 }
 
 fn main() {

@@ -344,6 +344,14 @@ impl FileEngine {
                 .truncate(&torn.file, torn.offset)
                 .map_err(io(format!("could not truncate {}", torn.file)))?;
         }
+        if from > 1 {
+            // A crash between writing the newest checkpoint and deleting what it made
+            // redundant leaves old files behind: finish that now.
+            retire(&*storage, from).map_err(io(format!(
+                "could not delete what {} made redundant",
+                checkpoint_name(from)
+            )))?;
+        }
         let replayed_bytes: u64 = found.segments.iter().map(|s| s.valid_len).sum();
         let file = match found.segments.last() {
             Some(last) => storage
