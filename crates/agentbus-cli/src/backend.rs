@@ -126,24 +126,20 @@ pub(crate) async fn open(spec: &str) -> Result<Arc<dyn Transport>, CliError> {
     }
 }
 
-/// Opens the durable log in `dir`. A `?fsync=POLICY` suffix (`always`, `never`,
-/// `interval(100ms)`) chooses the fsync policy; the default is `always`.
+/// Opens the durable log in `dir`. Options follow a `?`, `&`-separated:
+/// `fsync=always|never|interval(100ms)` (default `always`), `checkpoint=64MiB|off`
+/// (log bytes between checkpoints; `off` replays the whole log at open and never
+/// deletes a segment), `segment=64MiB` (segment size) and `sync_acks=true|false`
+/// (whether an ack waits for its record to be synced; default `true`).
 ///
 /// # Errors
-/// Exit 2 for a bad fsync policy; exit 1 when the directory is locked by another
-/// process, damaged (the message says to run `agentbus repair DIR`) or unreadable.
+/// Exit 2 for an unknown or malformed option; exit 1 when the directory is locked by
+/// another process, damaged (the message says to run `agentbus repair DIR`) or
+/// unreadable.
 async fn open_file(dir: PathBuf) -> Result<Arc<dyn Transport>, CliError> {
     let text = dir.to_string_lossy().into_owned();
-    let (path, options) = match text.split_once("?fsync=") {
-        Some((path, policy)) => {
-            let policy: agentbus_file::FsyncPolicy = policy
-                .parse()
-                .map_err(|e: agentbus::Error| CliError::usage(e.to_string()))?;
-            (
-                PathBuf::from(path),
-                agentbus_file::FileOptions::default().fsync(policy),
-            )
-        }
+    let (path, options) = match text.split_once('?') {
+        Some((path, query)) => (PathBuf::from(path), file_options(query)?),
         None => (dir, agentbus_file::FileOptions::default()),
     };
     let engine =
@@ -152,6 +148,65 @@ async fn open_file(dir: PathBuf) -> Result<Arc<dyn Transport>, CliError> {
             .map_err(|e| CliError::failed(format!("opening the durable log failed: {e}")))?
             .map_err(|e| CliError::failed(e.to_string()))?;
     Ok(Arc::new(engine))
+}
+
+/// The options of a `file:DIR?…` backend string.
+fn file_options(query: &str) -> Result<agentbus_file::FileOptions, CliError> {
+    let mut options = agentbus_file::FileOptions::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let bad = |what: &str| {
+            CliError::usage(format!(
+                "bad file backend option '{pair}': {what}. Options: fsync=always|never|\
+                 interval(100ms), checkpoint=64MiB|off, segment=64MiB, sync_acks=true|false"
+            ))
+        };
+        match key {
+            "fsync" => {
+                options = options.fsync(
+                    value
+                        .parse()
+                        .map_err(|e: agentbus::Error| CliError::usage(e.to_string()))?,
+                )
+            }
+            "checkpoint" => {
+                options = options.checkpoint_bytes(if value.eq_ignore_ascii_case("off") {
+                    None
+                } else {
+                    Some(parse_bytes(value).ok_or_else(|| bad("expected a size or off"))?)
+                })
+            }
+            "segment" => {
+                options = options.segment_bytes(
+                    parse_bytes(value).ok_or_else(|| bad("expected a size such as 64MiB"))?,
+                )
+            }
+            "sync_acks" => {
+                options = options
+                    .sync_settlements(value.parse().map_err(|_| bad("expected true or false"))?)
+            }
+            _ => return Err(bad("unknown option")),
+        }
+    }
+    Ok(options)
+}
+
+/// `4096`, `512KiB`, `64MiB`, `1GiB` (also `KB`/`MB`/`GB`, read as powers of 1024).
+fn parse_bytes(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return None,
+    };
+    number.checked_mul(1 << shift).filter(|n| *n > 0)
 }
 
 #[cfg(test)]
@@ -176,6 +231,17 @@ mod tests {
             ("postgresql://u@h/db", "postgres"),
         ] {
             assert_eq!(BackendSpec::parse(url).unwrap().name(), name, "{url}");
+        }
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("4096"), Some(4096));
+        assert_eq!(parse_bytes("512KiB"), Some(512 << 10));
+        assert_eq!(parse_bytes("64MiB"), Some(64 << 20));
+        assert_eq!(parse_bytes("1gb"), Some(1 << 30));
+        for bad in ["", "0", "MiB", "12 parsecs", "-1"] {
+            assert_eq!(parse_bytes(bad), None, "{bad}");
         }
     }
 
@@ -209,6 +275,30 @@ mod tests {
         );
         let bad = format!("file:{}?fsync=sometimes", dir.path().display());
         assert_eq!(open(&bad).await.unwrap_err().code(), 2);
+        engine.close().await.unwrap();
+        let spec = format!(
+            "file:{}?checkpoint=off&fsync=never&segment=1MiB&sync_acks=false",
+            dir.path().display()
+        );
+        let engine = open(&spec).await.unwrap();
+        let details = engine.stats().await.unwrap().details;
+        assert_eq!(details["checkpoint_every_bytes"], "off");
+        assert_eq!(details["fsync"], "never");
+        engine.close().await.unwrap();
+        for bad in [
+            "checkpoint=lots",
+            "segment=0",
+            "sync_acks=maybe",
+            "colour=blue",
+        ] {
+            let spec = format!("file:{}?{bad}", dir.path().display());
+            let error = open(&spec).await.unwrap_err();
+            assert_eq!(error.code(), 2, "{bad}");
+            assert!(
+                error.to_string().contains("checkpoint=64MiB|off"),
+                "{error}"
+            );
+        }
         assert_eq!(open("bogus").await.unwrap_err().code(), 2);
     }
 }

@@ -58,7 +58,9 @@ pub(crate) struct Global {
     /// arrive in later releases. With `memory` the engine lives inside this one agentbus
     /// process: a `pub` in one invocation is not seen by a `sub` in another. `file:DIR`
     /// is the durable log in DIR, shared by invocations one after another (append
-    /// `?fsync=always|never|interval(MS)` to choose the fsync policy).
+    /// `?fsync=always|never|interval(MS)&checkpoint=64MiB|off&segment=64MiB&sync_acks=BOOL`
+    /// to choose the fsync policy, checkpoint interval, segment size and whether acks
+    /// wait for their sync).
     #[arg(
         long,
         global = true,

@@ -411,10 +411,9 @@ async fn bench_recovery(args: &Args, root: &std::path::Path) {
         let engine = FileEngine::open(dir.path(), options).unwrap();
         let elapsed = t0.elapsed();
         let recovery = engine.recovery().clone();
-        let checkpoint_size = recovery
-            .checkpoint
-            .as_ref()
-            .map_or(0, |name| std::fs::metadata(dir.path().join(name)).unwrap().len());
+        let checkpoint_size = recovery.checkpoint.as_ref().map_or(0, |name| {
+            std::fs::metadata(dir.path().join(name)).unwrap().len()
+        });
         println!(
             "recovery [{shape}]: wrote {records} messages of {} bytes ({} MiB of log) in \
              {:.1?}; {} MiB on disk at close; open took {:.3} s: checkpoint {} ({} MiB), \
