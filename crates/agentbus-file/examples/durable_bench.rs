@@ -162,6 +162,12 @@ fn payload() -> bytes::Bytes {
 
 async fn file_engine(dir: &std::path::Path, policy: FsyncPolicy) -> FileEngine {
     let engine = FileEngine::open(dir, FileOptions::default().fsync(policy)).unwrap();
+    keep_everything(&engine).await;
+    engine
+}
+
+/// Lifts the channels' retention limits: every message published stays live.
+async fn keep_everything(engine: &FileEngine) {
     engine
         .configure_channels(
             ChannelPattern::new("bench.>").unwrap(),
@@ -173,7 +179,6 @@ async fn file_engine(dir: &std::path::Path, policy: FsyncPolicy) -> FileEngine {
         )
         .await
         .unwrap();
-    engine
 }
 
 async fn bench_file(args: &Args, root: &std::path::Path) {
@@ -347,17 +352,7 @@ async fn bench_recovery(args: &Args, root: &std::path::Path) {
         if !consume {
             // Keep the whole backlog: the live state is the whole log. (Consumed, the
             // channel's default limits trim what every group has acked.)
-            engine
-                .configure_channels(
-                    ChannelPattern::new("bench.>").unwrap(),
-                    ChannelConfig {
-                        max_bytes: None,
-                        max_messages: None,
-                        ..ChannelConfig::default()
-                    },
-                )
-                .await
-                .unwrap();
+            keep_everything(&engine).await;
         }
         let mut consumer = if consume {
             Some(

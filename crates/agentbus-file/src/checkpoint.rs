@@ -61,11 +61,7 @@ pub fn checkpoint_name(index: u64) -> String {
 
 /// The segment index of a checkpoint file name, if it is one.
 pub fn parse_checkpoint_name(name: &str) -> Option<u64> {
-    let stem = name.strip_suffix(".ckpt")?;
-    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    stem.parse().ok()
+    crate::segment::parse_indexed_name(name, ".ckpt")
 }
 
 /// Whether a file name is a checkpoint that was never finished.
@@ -75,12 +71,7 @@ pub fn is_unfinished_checkpoint(name: &str) -> bool {
 }
 
 fn header(index: u64) -> [u8; CHECKPOINT_HEADER] {
-    let mut header = [0u8; CHECKPOINT_HEADER];
-    header[..8].copy_from_slice(CHECKPOINT_MAGIC);
-    header[8..16].copy_from_slice(&index.to_le_bytes());
-    let crc = crc32c::crc32c(&header[..16]);
-    header[16..].copy_from_slice(&crc.to_le_bytes());
-    header
+    crate::segment::indexed_header(CHECKPOINT_MAGIC, index)
 }
 
 /// The checkpoints in `storage`, oldest first.

@@ -24,7 +24,12 @@ pub fn segment_name(index: u64) -> String {
 
 /// The index of a segment file name, if it is one.
 pub fn parse_segment_name(name: &str) -> Option<u64> {
-    let stem = name.strip_suffix(".seg")?;
+    parse_indexed_name(name, ".seg")
+}
+
+/// The index in a `<20 digits><extension>` file name (segments, checkpoints).
+pub(crate) fn parse_indexed_name(name: &str, extension: &str) -> Option<u64> {
+    let stem = name.strip_suffix(extension)?;
     if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -33,8 +38,13 @@ pub fn parse_segment_name(name: &str) -> Option<u64> {
 
 /// The header of segment `index`.
 pub fn segment_header(index: u64) -> [u8; SEGMENT_HEADER] {
-    let mut header = [0u8; SEGMENT_HEADER];
-    header[..8].copy_from_slice(MAGIC);
+    indexed_header(MAGIC, index)
+}
+
+/// A 20-byte file header: `magic`, `index` (u64 LE), and a CRC32C of both.
+pub(crate) fn indexed_header(magic: &[u8; 8], index: u64) -> [u8; 20] {
+    let mut header = [0u8; 20];
+    header[..8].copy_from_slice(magic);
     header[8..16].copy_from_slice(&index.to_le_bytes());
     let crc = crc32c::crc32c(&header[..16]);
     header[16..].copy_from_slice(&crc.to_le_bytes());
