@@ -40,6 +40,10 @@ struct Buffer {
     /// A requested segment boundary: the offset in `data` where the next segment must
     /// start, and who wants to know that segment's index.
     roll: Option<(usize, std::sync::mpsc::Sender<u64>)>,
+    /// The LSN whose append wakes the writer (`u64::MAX`: it is busy and will look
+    /// at the buffer anyway). Waking it on every append would cost a context switch
+    /// per publish while it gathers a batch of hundreds.
+    wake_at: u64,
     closing: bool,
     stopped: bool,
 }
@@ -121,8 +125,9 @@ impl Wal {
         let mut buffer = self.shared.buffer.lock();
         buffer.lsn += 1;
         buffer.data.extend_from_slice(records);
-        // Every append wakes the writer: it may be gathering a batch.
-        self.shared.wake.notify_one();
+        if buffer.lsn >= buffer.wake_at {
+            self.shared.wake.notify_one();
+        }
         buffer.lsn
     }
 
@@ -252,6 +257,7 @@ impl Writer {
                     if !buffer.data.is_empty() || buffer.closing || buffer.roll.is_some() {
                         break;
                     }
+                    buffer.wake_at = buffer.lsn + 1;
                     match self.policy {
                         FsyncPolicy::Interval(every) if dirty => {
                             let left = every.saturating_sub(last_sync.elapsed());
@@ -270,6 +276,7 @@ impl Writer {
                 // of one fsync for the first to arrive and another for the rest.
                 if self.policy == FsyncPolicy::Always && !buffer.data.is_empty() {
                     let deadline = Instant::now() + (batch_cost / 4).min(MAX_GATHER);
+                    buffer.wake_at = taken_lsn + last_batch;
                     while buffer.lsn - taken_lsn < last_batch && !buffer.closing {
                         let now = Instant::now();
                         if now >= deadline {
@@ -278,6 +285,7 @@ impl Writer {
                         self.shared.wake.wait_for(&mut buffer, deadline - now);
                     }
                 }
+                buffer.wake_at = u64::MAX;
                 last_batch = buffer.lsn - taken_lsn;
                 taken_lsn = buffer.lsn;
                 (
