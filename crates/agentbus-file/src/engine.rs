@@ -89,7 +89,6 @@ struct Shared {
     /// The smallest amount of log between checkpoints (`None`: no checkpoints).
     checkpoint_bytes: Option<u64>,
     checkpoints: Mutex<CheckpointStatus>,
-    checkpoint_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// This engine, for the checkpoint thread to hold while it works.
     me: Weak<Shared>,
 }
@@ -103,7 +102,11 @@ struct Inner {
     since_checkpoint: u64,
     /// The log bytes after which the next checkpoint is due.
     checkpoint_due: u64,
+    /// A checkpoint is being written (or the engine is closing: none may start).
     checkpoint_running: bool,
+    /// The thread writing the last checkpoint; `close` waits for it. Spawned and
+    /// stored under the state lock, so `close` cannot miss one that is starting.
+    checkpoint_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// What the checkpoints of this engine did so far (shown by `stats`).
@@ -416,6 +419,7 @@ impl FileEngine {
                         .checkpoint_bytes
                         .map_or(u64::MAX, |min| min.max(checkpoint_size)),
                     checkpoint_running: false,
+                    checkpoint_thread: None,
                 }),
                 wal,
                 clock: options.clock.clone(),
@@ -433,7 +437,6 @@ impl FileEngine {
                 storage,
                 checkpoint_bytes: options.checkpoint_bytes,
                 checkpoints: Mutex::new(CheckpointStatus::default()),
-                checkpoint_thread: Mutex::new(None),
                 me: me.clone(),
             }),
         };
@@ -653,7 +656,7 @@ impl Shared {
     ) -> (T, u64) {
         let now = self.clock.now();
         let mut wake = Wake::new();
-        let (result, lsn, notifies, timer_moved, checkpoint) = {
+        let (result, lsn, notifies, timer_moved) = {
             let mut guard = self.inner.lock();
             let inner = &mut *guard;
             inner.journal.clear();
@@ -667,11 +670,9 @@ impl Shared {
             } else {
                 self.wal.append(&inner.journal)
             };
-            let checkpoint = if lsn == 0 {
-                None
-            } else {
-                self.checkpoint_if_due(inner)
-            };
+            if lsn != 0 {
+                self.checkpoint_if_due(inner);
+            }
             let notifies: Vec<Arc<Notify>> = if wake.is_empty() {
                 Vec::new()
             } else {
@@ -682,11 +683,8 @@ impl Shared {
                     .collect()
             };
             let timer_moved = inner.state.take_timer_wake();
-            (result, lsn, notifies, timer_moved, checkpoint)
+            (result, lsn, notifies, timer_moved)
         };
-        if let Some((image, boundary)) = checkpoint {
-            self.start_checkpoint(image, boundary);
-        }
         for notify in notifies {
             notify.notify_waiters();
         }
@@ -699,33 +697,33 @@ impl Shared {
     /// Counts what was just appended and, when a checkpoint is due and none is being
     /// written, pictures the state and asks the writer for a segment boundary right
     /// after the records that state includes (both under the state lock, so the
-    /// picture and the boundary match exactly).
-    fn checkpoint_if_due(
-        &self,
-        inner: &mut Inner,
-    ) -> Option<(StateImage, std::sync::mpsc::Receiver<u64>)> {
-        self.checkpoint_bytes?;
+    /// picture and the boundary match exactly), then starts the thread that writes it:
+    /// encoding and syncing a large state takes a while, and the engine goes on.
+    fn checkpoint_if_due(&self, inner: &mut Inner) {
+        if self.checkpoint_bytes.is_none() {
+            return;
+        }
         inner.since_checkpoint += inner.journal.len() as u64;
         if inner.checkpoint_running || inner.since_checkpoint < inner.checkpoint_due {
-            return None;
+            return;
         }
-        inner.checkpoint_running = true;
-        inner.since_checkpoint = 0;
-        Some((inner.state.image(), self.wal.request_boundary()))
-    }
-
-    /// Writes the checkpoint on its own thread: encoding and syncing a large state
-    /// takes a while, and the engine goes on meanwhile.
-    fn start_checkpoint(&self, image: StateImage, boundary: std::sync::mpsc::Receiver<u64>) {
         let Some(shared) = self.me.upgrade() else {
             return;
         };
+        let image = inner.state.image();
+        let boundary = self.wal.request_boundary();
         let spawned = std::thread::Builder::new()
             .name("agentbus-checkpoint".into())
             .spawn(move || shared.write_checkpoint(image, boundary));
         match spawned {
-            Ok(handle) => *self.checkpoint_thread.lock() = Some(handle),
-            Err(e) => self.checkpoint_done(Err(format!("could not start its thread: {e}")), 0),
+            Ok(handle) => {
+                inner.checkpoint_running = true;
+                inner.since_checkpoint = 0;
+                inner.checkpoint_thread = Some(handle);
+            }
+            // The boundary is still written (a segment ends early); the next append
+            // tries again.
+            Err(e) => tracing::warn!(error = %e, "could not start the checkpoint thread"),
         }
     }
 
@@ -779,7 +777,8 @@ impl Shared {
             status.last_error = Some(why);
         }
         let mut inner = self.inner.lock();
-        inner.checkpoint_running = false;
+        // A closing engine starts no further checkpoint.
+        inner.checkpoint_running = self.closed.load(Ordering::Acquire);
         inner.checkpoint_due = self.checkpoint_bytes.map_or(u64::MAX, |min| min.max(size));
     }
 
@@ -1086,7 +1085,12 @@ impl Transport for FileEngine {
         self.shared.timer_changed.notify_one();
         self.shared.wal.close();
         // A checkpoint being written finishes first: it writes into the directory.
-        let checkpoint = self.shared.checkpoint_thread.lock().take();
+        // None starts after this.
+        let checkpoint = {
+            let mut inner = self.shared.inner.lock();
+            inner.checkpoint_running = true;
+            inner.checkpoint_thread.take()
+        };
         if let Some(thread) = checkpoint {
             if tokio::runtime::Handle::try_current().is_ok() {
                 let _ = tokio::task::spawn_blocking(move || thread.join()).await;
