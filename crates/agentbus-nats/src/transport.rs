@@ -920,14 +920,15 @@ impl Transport for NatsTransport {
         self.check_open()?;
         self.inner.limits.check(&envelope, Utc::now())?;
         let channel = envelope.channel.clone();
-        let inbox = self.inner.client.new_inbox();
-        envelope.header.reply_to = Some(ChannelName::new(&inbox)?);
+        // The reply subject is the client's shared request inbox (one subscription for
+        // every request, no SUB/UNSUB per request); it is only known once sent, so the
+        // responder takes `reply_to` from the NATS message's reply subject.
+        envelope.header.reply_to = None;
         let headers = wire::encode(&envelope)?;
         let subject = wire::request_subject(&self.inner.options.prefix, channel.as_str());
         let request = async_nats::Request::new()
             .payload(envelope.payload)
             .headers(headers)
-            .inbox(inbox)
             .timeout(Some(timeout));
         match self.inner.client.send_request(subject, request).await {
             Ok(reply) => {
