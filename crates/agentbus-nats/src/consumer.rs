@@ -45,6 +45,8 @@ struct Meta {
     delivered: u32,
     /// Messages left for the lane consumer after this one.
     pending: u64,
+    /// When the stream stored it (for a channel's `max_age`).
+    stored: time::OffsetDateTime,
 }
 
 impl Meta {
@@ -54,6 +56,7 @@ impl Meta {
                 sequence: info.stream_sequence,
                 delivered: info.delivered.max(1) as u32,
                 pending: info.pending,
+                stored: info.published,
             }),
             Err(e) => {
                 tracing::warn!("a JetStream message without metadata: {e}");
@@ -555,6 +558,7 @@ impl Shared {
         let Meta {
             sequence,
             delivered,
+            stored,
             ..
         } = meta;
         let raw = message.message;
@@ -576,6 +580,18 @@ impl Shared {
             }
         };
         envelope.header.attempt = delivered;
+        // A channel's `max_age`: JetStream ages messages out per stream only, so an
+        // older message is dropped here, for this group, as the memory engine trims
+        // it: never handed out, terminated, counted in the channel's `dropped`.
+        let max_age = self
+            .inner
+            .config_for(&envelope.channel)
+            .and_then(|c| c.max_age);
+        if max_age.is_some_and(|max_age| time::OffsetDateTime::now_utc() - stored > max_age) {
+            let _ = self.send_ack(&acker, AckKind::Term).await;
+            self.inner.count_dropped(&envelope.channel);
+            return None;
+        }
         let now = Utc::now();
         if envelope.header.deadline.is_some_and(|d| d <= now) {
             let attempts = delivered.saturating_sub(1);
