@@ -78,7 +78,7 @@ pub(crate) fn decode(
     let channel = ChannelName::new(channel)?;
     let raw = headers
         .and_then(|h| h.get(HEADER))
-        .map(|v| v.as_str().to_string())
+        .map(|v| v.as_str())
         .ok_or_else(|| {
             Error::new(
                 ErrorKind::Schema,
@@ -88,7 +88,7 @@ pub(crate) fn decode(
                 ),
             )
         })?;
-    let header: Header = serde_json::from_str(&raw).map_err(|e| {
+    let header: Header = serde_json::from_str(raw).map_err(|e| {
         Error::new(
             ErrorKind::Schema,
             format!("the {HEADER} header of a message on '{subject}' is not valid: {e}"),
@@ -116,7 +116,7 @@ pub(crate) fn decode_core(
     let channel = ChannelName::new(channel)?;
     let raw = headers
         .and_then(|h| h.get(HEADER))
-        .map(|v| v.as_str().to_string())
+        .map(|v| v.as_str())
         .ok_or_else(|| {
             Error::new(
                 ErrorKind::Schema,
@@ -125,7 +125,7 @@ pub(crate) fn decode_core(
                 ),
             )
         })?;
-    let header: Header = serde_json::from_str(&raw).map_err(|e| {
+    let header: Header = serde_json::from_str(raw).map_err(|e| {
         Error::new(
             ErrorKind::Schema,
             format!("the {HEADER} header of a message for '{channel}' is not valid: {e}"),
