@@ -396,8 +396,9 @@ impl Settler for Shared {
 }
 
 impl Shared {
-    /// Waits until the server has read every settlement sent so far, so a settle
-    /// that returned `Ok` is not lost when the process exits right after.
+    /// Waits until every settlement sent so far was written to the connection's
+    /// socket (async-nats's flush: no server round trip), so a settle that returned
+    /// `Ok` is not lost in the client's buffer when the process exits right after.
     async fn flush(&self) -> Result<()> {
         self.inner
             .client
