@@ -3,10 +3,9 @@
 //! The pump fetches (no-wait pull requests) from the lanes highest first, only as many
 //! messages as the prefetch has room for, and hands them over an unbounded channel
 //! (bounded in practice by the prefetch permits), so `next_batch` is cancel-safe.
-//! It hands over whole runs of messages (what one fetch brought in at once) as one
-//! `Vec`, so a consumer wakes once per run rather than once per message and gets
-//! batches as large as the fetch: per-message wake-ups halved consume + ack
-//! throughput (docs/PERFORMANCE.md). Core requests are read by `next_batch` itself
+//! It hands over each fetch's messages as one `Vec`, so a consumer wakes once per
+//! fetch rather than once per message and gets batches as large as the fetch:
+//! per-message wake-ups halved consume + ack throughput (docs/PERFORMANCE.md). Core requests are read by `next_batch` itself
 //! from their subscription, without a task in between.
 //! Deadlines, delays and max deliveries are applied here, before a message is handed
 //! out. When there is nothing to fetch it sleeps until a new message on its pattern
@@ -839,17 +838,7 @@ async fn pump(
                     }
                 };
                 loop {
-                    let next = match batch.next().now_or_never() {
-                        Some(next) => Ok(next),
-                        None => {
-                            // Nothing more ready: hand over the run before waiting.
-                            if !run.is_empty() && tx.send(std::mem::take(&mut run)).is_err() {
-                                return;
-                            }
-                            tokio::time::timeout(FETCH_TIMEOUT, batch.next()).await
-                        }
-                    };
-                    let message = match next {
+                    let message = match tokio::time::timeout(FETCH_TIMEOUT, batch.next()).await {
                         Ok(Some(m)) => m,
                         Ok(None) => break,
                         Err(_) => {
@@ -880,6 +869,12 @@ async fn pump(
                         handed += 1;
                         run.push(delivery);
                     }
+                }
+                // The whole fetch as one run (a no-wait pull ends as soon as the lane
+                // has nothing more): handing over part of it made the consumer settle
+                // part, and every later fetch was sized to that part.
+                if !run.is_empty() && tx.send(std::mem::take(&mut run)).is_err() {
+                    return;
                 }
             }
         }
