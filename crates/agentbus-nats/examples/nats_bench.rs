@@ -1,13 +1,20 @@
 //! agentbus over NATS next to raw async-nats, same workloads, one run, 256-byte
-//! payloads:
+//! payloads. Each workload runs in 5 rounds alternating raw and agentbus (so load
+//! from elsewhere on a shared machine hits both sides); latencies are over all
+//! rounds, rates are the median round.
 //!
 //! 1. request/reply round trip (sequential; p50/p99): raw = core NATS `request` to a
 //!    core responder; agentbus = `Bus::request` to a `Bus` responder;
 //! 2. JetStream publish with a synchronous ack (sequential; msg/s): raw =
 //!    `jetstream.publish(..).await?.await?`; agentbus = `Transport::publish`;
-//! 3. consume + ack (msg/s) of a pre-published backlog: raw = a durable pull
-//!    consumer fetching batches of 64 and acking each message; agentbus = a group with
-//!    prefetch 64, `next_batch(64)` and `ack_all`.
+//! 3. consume + ack (msg/s) of the published backlog (N messages, read whole by a new
+//!    consumer or group each round): raw = a durable pull
+//!    consumer fetching batches of 64 (no-wait pulls), acking each message and
+//!    flushing the client once per batch; agentbus = a group with prefetch 64,
+//!    `next_batch(64)` and `ack_all`. The same ack mode on both sides: an ack is a
+//!    publish to the message's reply subject, not confirmed by the server (no
+//!    double ack), and `ack_all` returns once the batch's acks were written to the
+//!    socket, which the raw side's flush matches.
 //!
 //! ```text
 //! cargo run --release -p agentbus-nats --example nats_bench -- [nats://127.0.0.1:4222] [N]
@@ -29,6 +36,16 @@ use hdrhistogram::Histogram;
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 const PAYLOAD: usize = 256;
+
+/// Raw and agentbus alternate in this many rounds per workload, so that a burst of
+/// load from elsewhere on the machine hits both sides rather than one.
+const ROUNDS: u64 = 5;
+
+/// The median of `rates` (sorted in place).
+fn median(rates: &mut [f64]) -> f64 {
+    rates.sort_by(f64::total_cmp);
+    rates[rates.len() / 2]
+}
 
 struct Row {
     workload: &'static str,
@@ -83,43 +100,29 @@ async fn main() -> Res<()> {
     };
     let mut rows = Vec::new();
 
-    // 1. Request/reply.
-    let raw_rr = {
+    // 1. Request/reply: both responders up, then alternating rounds.
+    let raw_responder = {
         let mut responder = client.subscribe(format!("{raw_stream}.rr")).await?;
         let answering = client.clone();
-        let task = tokio::spawn(async move {
+        tokio::spawn(async move {
             while let Some(m) = responder.next().await {
                 if let Some(reply) = m.reply {
                     let _ = answering.publish(reply, m.payload).await;
                 }
             }
-        });
-        client.flush().await?;
-        let mut h = histogram();
-        let body = bytes::Bytes::from(payload.clone());
-        for _ in 0..50 {
-            client
-                .request(format!("{raw_stream}.rr"), body.clone())
-                .await?;
-        }
-        for _ in 0..rr_n {
-            let t = Instant::now();
-            client
-                .request(format!("{raw_stream}.rr"), body.clone())
-                .await?;
-            h.record(t.elapsed().as_micros() as u64)?;
-        }
-        task.abort();
-        h
+        })
     };
-    let ours_rr = {
-        let bus = Bus::new(transport.clone() as Arc<dyn Transport>);
-        let channel = ChannelName::new("bench.rr")?;
+    client.flush().await?;
+    let bus = Bus::new(transport.clone() as Arc<dyn Transport>);
+    let rr_channel = ChannelName::new("bench.rr")?;
+    let our_responder = {
         let mut sub = bus
-            .subscribe(SubscribeOptions::new(ChannelPattern::from(channel.clone())).group("echo"))
+            .subscribe(
+                SubscribeOptions::new(ChannelPattern::from(rr_channel.clone())).group("echo"),
+            )
             .await?;
         let answering = bus.clone();
-        let task = tokio::spawn(async move {
+        tokio::spawn(async move {
             while let Ok(delivery) = sub.next().await {
                 let request = delivery.envelope().clone();
                 let _ = delivery.ack().await;
@@ -127,23 +130,34 @@ async fn main() -> Res<()> {
                     let _ = answering.reply(&request, &e).await;
                 }
             }
-        });
-        let mut h = histogram();
-        for _ in 0..50 {
-            let _: Echo = bus
-                .request(&channel, &echo, Duration::from_secs(10))
+        })
+    };
+    let body = bytes::Bytes::from(payload.clone());
+    let (mut raw_rr, mut ours_rr) = (histogram(), histogram());
+    for round in 0..=ROUNDS {
+        // Round 0 warms both up and is not recorded.
+        let count = if round == 0 { 50 } else { rr_n / ROUNDS };
+        for _ in 0..count {
+            let t = Instant::now();
+            client
+                .request(format!("{raw_stream}.rr"), body.clone())
                 .await?;
+            if round > 0 {
+                raw_rr.record(t.elapsed().as_micros() as u64)?;
+            }
         }
-        for _ in 0..rr_n {
+        for _ in 0..count {
             let t = Instant::now();
             let _: Echo = bus
-                .request(&channel, &echo, Duration::from_secs(10))
+                .request(&rr_channel, &echo, Duration::from_secs(10))
                 .await?;
-            h.record(t.elapsed().as_micros() as u64)?;
+            if round > 0 {
+                ours_rr.record(t.elapsed().as_micros() as u64)?;
+            }
         }
-        task.abort();
-        h
-    };
+    }
+    raw_responder.abort();
+    our_responder.abort();
     for (q, name) in [
         (0.5, "request/reply p50 (µs)"),
         (0.99, "request/reply p99 (µs)"),
@@ -157,7 +171,7 @@ async fn main() -> Res<()> {
         });
     }
 
-    // 2. JetStream publish, sync ack.
+    // 2. JetStream publish, sync ack, alternating rounds of n / ROUNDS.
     let mut raw_js = js
         .get_or_create_stream(stream::Config {
             name: raw_stream.clone(),
@@ -166,31 +180,37 @@ async fn main() -> Res<()> {
             ..Default::default()
         })
         .await?;
-    let body = bytes::Bytes::from(payload.clone());
-    let t = Instant::now();
-    for _ in 0..n {
-        js.publish(format!("{raw_stream}.js.x"), body.clone())
-            .await?
-            .await?;
-    }
-    let raw_pub = n as f64 / t.elapsed().as_secs_f64();
     let channel = ChannelName::new("bench.js")?;
-    let group = SubscribeOptions::new(ChannelPattern::from(channel.clone()))
-        .group("consumers")
-        .prefetch(64)
-        .start(agentbus::StartPosition::Earliest);
-    drop(transport.subscribe(group.clone()).await?);
-    let t = Instant::now();
-    for _ in 0..n {
+    // A group exists while publishing, so receipts count it as in real use.
+    drop(
         transport
-            .publish(Envelope::new(
-                channel.clone(),
-                "bench.blob",
-                payload.clone().into_bytes(),
-            ))
-            .await?;
+            .subscribe(
+                SubscribeOptions::new(ChannelPattern::from(channel.clone())).group("consumers"),
+            )
+            .await?,
+    );
+    let (mut raw_rates, mut our_rates) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        for _ in 0..n / ROUNDS {
+            js.publish(format!("{raw_stream}.js.x"), body.clone())
+                .await?
+                .await?;
+        }
+        raw_rates.push((n / ROUNDS) as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for _ in 0..n / ROUNDS {
+            transport
+                .publish(Envelope::new(
+                    channel.clone(),
+                    "bench.blob",
+                    payload.clone().into_bytes(),
+                ))
+                .await?;
+        }
+        our_rates.push((n / ROUNDS) as f64 / t.elapsed().as_secs_f64());
     }
-    let ours_pub = n as f64 / t.elapsed().as_secs_f64();
+    let (raw_pub, ours_pub) = (median(&mut raw_rates), median(&mut our_rates));
     rows.push(Row {
         workload: "JetStream publish, sync ack (msg/s)",
         raw: format!("{raw_pub:.0}"),
@@ -198,44 +218,56 @@ async fn main() -> Res<()> {
         overhead: overhead(raw_pub, ours_pub, false),
     });
 
-    // 3. Consume + ack.
-    let consumer = raw_js
-        .create_consumer(pull::Config {
-            durable_name: Some("raw".to_string()),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            ..Default::default()
-        })
-        .await?;
-    let t = Instant::now();
-    let mut got = 0;
-    while got < n {
-        let mut batch = consumer.fetch().max_messages(64).messages().await?;
-        while let Some(m) = batch.next().await {
-            m?.ack().await?;
-            got += 1;
+    // 3. Consume + ack of the whole backlog, alternating rounds, each with a new
+    //    consumer (raw) or group (agentbus) reading from the start.
+    let total = (n / ROUNDS) * ROUNDS;
+    let (mut raw_rates, mut our_rates) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let consumer = raw_js
+            .create_consumer(pull::Config {
+                durable_name: Some(format!("raw{round}")),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await?;
+        let t = Instant::now();
+        let mut got = 0;
+        while got < total {
+            let mut batch = consumer.fetch().max_messages(64).messages().await?;
+            while let Some(m) = batch.next().await {
+                m?.ack().await?;
+                got += 1;
+            }
+            // What `ack_all` promises: the batch's acks were written to the socket.
+            client.flush().await?;
         }
+        raw_rates.push(total as f64 / t.elapsed().as_secs_f64());
+        let group = SubscribeOptions::new(ChannelPattern::from(channel.clone()))
+            .group(format!("consumers{round}"))
+            .prefetch(64)
+            .start(agentbus::StartPosition::Earliest);
+        let mut ours = transport.subscribe(group).await?;
+        let t = Instant::now();
+        let mut got = 0;
+        while got < total {
+            let batch = ours.next_batch(64).await?;
+            got += batch.len() as u64;
+            ack_all(&batch).await?;
+        }
+        our_rates.push(total as f64 / t.elapsed().as_secs_f64());
     }
-    let raw_consume = n as f64 / t.elapsed().as_secs_f64();
-    let mut ours = transport.subscribe(group).await?;
-    let t = Instant::now();
-    let mut got = 0;
-    while got < n {
-        let batch = ours.next_batch(64).await?;
-        got += batch.len() as u64;
-        ack_all(&batch).await?;
-    }
-    let ours_consume = n as f64 / t.elapsed().as_secs_f64();
+    let (raw_consume, ours_consume) = (median(&mut raw_rates), median(&mut our_rates));
     rows.push(Row {
         workload: "consume + ack (msg/s)",
         raw: format!("{raw_consume:.0}"),
         agentbus: format!("{ours_consume:.0}"),
         overhead: overhead(raw_consume, ours_consume, false),
     });
-    drop(ours);
     let _ = raw_js.info().await;
 
     println!(
-        "NATS benchmark: {n} messages ({rr_n} round trips), {PAYLOAD}-byte payloads, memory storage, {url}"
+        "NATS benchmark: {n} messages ({rr_n} round trips), {PAYLOAD}-byte payloads, memory storage, \
+         {ROUNDS} alternating rounds per workload (rates: median round), {url}"
     );
     println!(
         "{:<38} {:>12} {:>12} {:>9}",

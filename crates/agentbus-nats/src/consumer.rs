@@ -3,19 +3,23 @@
 //! The pump fetches (no-wait pull requests) from the lanes highest first, only as many
 //! messages as the prefetch has room for, and hands them over an unbounded channel
 //! (bounded in practice by the prefetch permits), so `next_batch` is cancel-safe.
+//! It hands over each fetch's messages as one `Vec`, so a consumer wakes once per
+//! fetch rather than once per message and gets batches as large as the fetch:
+//! per-message wake-ups halved consume + ack throughput (docs/PERFORMANCE.md). Core requests are read by `next_batch` itself
+//! from their subscription, without a task in between.
 //! Deadlines, delays and max deliveries are applied here, before a message is handed
 //! out. When there is nothing to fetch it sleeps until a new message on its pattern
 //! rings the doorbell (a core NATS subscription), a settle of its own frees room, or
 //! `idle_poll` passes (for ack-wait redeliveries no publish announces).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentbus::{
-    Consumer, DeadLetter, DeadReason, Delivery, Envelope, Error, ErrorKind, MessageId, Result,
-    Settlement, Settler, SubscribeOptions,
+    ChannelName, Consumer, DeadLetter, DeadReason, Delivery, Envelope, Error, ErrorKind, MessageId,
+    Result, Settlement, Settler, SubscribeOptions,
 };
 use async_nats::jetstream::consumer::{self, pull, PullConsumer};
 use async_nats::jetstream::message::AckKind;
@@ -32,6 +36,34 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use crate::options::invalid_input;
 use crate::transport::{backend, consumer_name, deliver_policy, Inner};
 use crate::wire::{self, LANES};
+
+/// What the pump reads from a fetched message's reply subject (parsed once).
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    sequence: u64,
+    delivered: u32,
+    /// Messages left for the lane consumer after this one.
+    pending: u64,
+    /// When the stream stored it (for a channel's `max_age`).
+    stored: time::OffsetDateTime,
+}
+
+impl Meta {
+    fn of(message: &async_nats::jetstream::Message) -> Option<Meta> {
+        match message.info() {
+            Ok(info) => Some(Meta {
+                sequence: info.stream_sequence,
+                delivered: info.delivered.max(1) as u32,
+                pending: info.pending,
+                stored: info.published,
+            }),
+            Err(e) => {
+                tracing::warn!("a JetStream message without metadata: {e}");
+                None
+            }
+        }
+    }
+}
 
 /// One delivery handed out and not settled yet.
 #[derive(Debug)]
@@ -78,9 +110,33 @@ pub(crate) struct Shared {
 #[derive(Debug)]
 pub(crate) struct NatsConsumer {
     shared: Arc<Shared>,
-    rx: mpsc::UnboundedReceiver<Delivery>,
+    rx: mpsc::UnboundedReceiver<Vec<Delivery>>,
+    /// Deliveries received from the pump and not returned by `next_batch` yet (a run
+    /// can be longer than the `max` asked for).
+    buffer: VecDeque<Delivery>,
+    /// Core requests on the pattern; `None` once the subscription ended.
+    requests: Option<async_nats::Subscriber>,
+    /// A core request that arrived while the prefetch was full: handed out as soon as
+    /// a delivery is settled.
+    waiting: Option<async_nats::Message>,
     pump: tokio::task::JoinHandle<()>,
-    forwarder: tokio::task::JoinHandle<()>,
+}
+
+/// What `next_batch` woke up for.
+enum Woke {
+    Run(Option<Vec<Delivery>>),
+    Request(Option<async_nats::Message>),
+    Room(OwnedSemaphorePermit),
+}
+
+/// The next core request, or never when the subscription is gone.
+async fn next_request(
+    requests: &mut Option<async_nats::Subscriber>,
+) -> Option<async_nats::Message> {
+    match requests {
+        Some(r) => r.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl NatsConsumer {
@@ -183,13 +239,14 @@ impl NatsConsumer {
             permits: Arc::new(Semaphore::new(options.prefetch)),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let forwarder = tokio::spawn(forward_requests(shared.clone(), requests, tx.clone()));
         let pump = tokio::spawn(pump(shared.clone(), lanes, bell, tx));
         Ok(NatsConsumer {
             shared,
             rx,
+            buffer: VecDeque::new(),
+            requests: Some(requests),
+            waiting: None,
             pump,
-            forwarder,
         })
     }
 }
@@ -207,15 +264,44 @@ impl Consumer for NatsConsumer {
         if *self.shared.inner.closed.borrow() {
             return Err(closed());
         }
-        let first = self.rx.recv().await.ok_or_else(closed)?;
-        let mut batch = vec![first];
-        while batch.len() < max {
+        // Cancel-safe: every await below is; what arrived is stored in `self` before
+        // the next await.
+        while self.buffer.is_empty() {
+            if let Some(request) = self.waiting.take() {
+                match self.shared.permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        self.buffer.extend(self.shared.admit_core(request, permit));
+                        continue;
+                    }
+                    Err(_) => self.waiting = Some(request),
+                }
+            }
+            let waiting = self.waiting.is_some();
+            let permits = self.shared.permits.clone();
+            let woke = tokio::select! {
+                run = self.rx.recv() => Woke::Run(run),
+                request = next_request(&mut self.requests), if !waiting => Woke::Request(request),
+                Ok(permit) = permits.acquire_owned(), if waiting => Woke::Room(permit),
+            };
+            match woke {
+                Woke::Run(run) => self.buffer.extend(run.ok_or_else(closed)?),
+                Woke::Request(Some(request)) => self.waiting = Some(request),
+                Woke::Request(None) => self.requests = None,
+                Woke::Room(permit) => {
+                    if let Some(request) = self.waiting.take() {
+                        self.buffer.extend(self.shared.admit_core(request, permit));
+                    }
+                }
+            }
+        }
+        while self.buffer.len() < max {
             match self.rx.try_recv() {
-                Ok(d) => batch.push(d),
+                Ok(run) => self.buffer.extend(run),
                 Err(_) => break,
             }
         }
-        Ok(batch)
+        let n = max.min(self.buffer.len());
+        Ok(self.buffer.drain(..n).collect())
     }
 
     fn group(&self) -> &str {
@@ -226,7 +312,6 @@ impl Consumer for NatsConsumer {
 impl Drop for NatsConsumer {
     fn drop(&mut self) {
         self.pump.abort();
-        self.forwarder.abort();
         let shared = self.shared.clone();
         if let Some(n) = shared.inner.members.lock().get_mut(&*shared.group) {
             *n = n.saturating_sub(1);
@@ -270,9 +355,15 @@ impl Settler for Shared {
         })?;
         // A core request has nothing to settle on the server, so nothing to flush.
         let core = flight.acker.is_empty();
+        // The pump needs waking only when it may be waiting for room (the prefetch was
+        // full) or a nack refilled a lane; other wake-ups cost a loop for nothing.
+        let wake = matches!(settlement, Settlement::Nack { .. })
+            || (flight.permit.is_some() && self.permits.available_permits() == 0);
         let result = self.apply(&flight, settlement).await;
         drop(flight);
-        self.wake.notify_one();
+        if wake {
+            self.wake.notify_one();
+        }
         result?;
         if core {
             return Ok(());
@@ -304,8 +395,9 @@ impl Settler for Shared {
 }
 
 impl Shared {
-    /// Waits until the server has read every settlement sent so far, so a settle
-    /// that returned `Ok` is not lost when the process exits right after.
+    /// Waits until every settlement sent so far was written to the connection's
+    /// socket (async-nats's flush: no server round trip), so a settle that returned
+    /// `Ok` is not lost in the client's buffer when the process exits right after.
     async fn flush(&self) -> Result<()> {
         self.inner
             .client
@@ -411,7 +503,7 @@ impl Shared {
     /// A core request: handed out at once (it cannot wait on the server), or
     /// dead-lettered `expired` past its deadline. Settling it does nothing on the
     /// server: core requests are at most once; the requester times out if no reply.
-    async fn admit_core(
+    fn admit_core(
         self: &Arc<Self>,
         message: async_nats::Message,
         permit: OwnedSemaphorePermit,
@@ -431,15 +523,26 @@ impl Shared {
                 }
             };
         envelope.header.attempt = 1;
+        // A request's reply goes to the NATS reply subject (the requester's inbox).
+        if let Some(reply) = message.reply.as_ref() {
+            match ChannelName::new(reply.as_str()) {
+                Ok(reply) => envelope.header.reply_to = Some(reply),
+                Err(e) => tracing::warn!("a core request's reply subject is no channel name: {e}"),
+            }
+        }
         if envelope.header.deadline.is_some_and(|d| d <= Utc::now()) {
-            let _ = self
-                .dead_letter(
-                    &envelope,
-                    DeadReason::Expired,
-                    0,
-                    Some("deadline passed before delivery".into()),
-                )
-                .await;
+            // Written by a task so that `next_batch` stays cancel-safe.
+            let shared = self.clone();
+            tokio::spawn(async move {
+                let _ = shared
+                    .dead_letter(
+                        &envelope,
+                        DeadReason::Expired,
+                        0,
+                        Some("deadline passed before delivery".into()),
+                    )
+                    .await;
+            });
             return None;
         }
         Some(self.hand_out_with(Some(permit), Subject::from_static(""), 1, envelope, 0))
@@ -447,14 +550,17 @@ impl Shared {
 
     /// Decides what to do with a message fetched from a lane: hand it out, defer it,
     /// or dead-letter it. Returns the delivery to hand out.
-    async fn admit(self: &Arc<Self>, message: async_nats::jetstream::Message) -> Option<Delivery> {
-        let (sequence, delivered) = match message.info() {
-            Ok(info) => (info.stream_sequence, info.delivered.max(1) as u32),
-            Err(e) => {
-                tracing::warn!("a JetStream message without metadata: {e}");
-                return None;
-            }
-        };
+    async fn admit(
+        self: &Arc<Self>,
+        message: async_nats::jetstream::Message,
+        meta: Meta,
+    ) -> Option<Delivery> {
+        let Meta {
+            sequence,
+            delivered,
+            stored,
+            ..
+        } = meta;
         let raw = message.message;
         let Some(acker) = raw.reply.clone() else {
             tracing::warn!(sequence, "a JetStream message without a reply subject");
@@ -474,6 +580,18 @@ impl Shared {
             }
         };
         envelope.header.attempt = delivered;
+        // A channel's `max_age`: JetStream ages messages out per stream only, so an
+        // older message is dropped here, for this group, as the memory engine trims
+        // it: never handed out, terminated, counted in the channel's `dropped`.
+        let max_age = self
+            .inner
+            .config_for(&envelope.channel)
+            .and_then(|c| c.max_age);
+        if max_age.is_some_and(|max_age| time::OffsetDateTime::now_utc() - stored > max_age) {
+            let _ = self.send_ack(&acker, AckKind::Term).await;
+            self.inner.count_dropped(&envelope.channel);
+            return None;
+        }
         let now = Utc::now();
         if envelope.header.deadline.is_some_and(|d| d <= now) {
             let attempts = delivered.saturating_sub(1);
@@ -612,26 +730,6 @@ impl Shared {
     }
 }
 
-/// Hands core requests out as they come, as soon as the prefetch has room: apart from
-/// the pump, so a request never waits for a round of pulls.
-async fn forward_requests(
-    shared: Arc<Shared>,
-    mut requests: async_nats::Subscriber,
-    tx: mpsc::UnboundedSender<Delivery>,
-) {
-    while let Some(request) = requests.next().await {
-        // Wait for room: the delivery holds this permit until settled.
-        let Ok(permit) = shared.permits.clone().acquire_owned().await else {
-            return;
-        };
-        if let Some(delivery) = shared.admit_core(request, permit).await {
-            if tx.send(delivery).is_err() {
-                return;
-            }
-        }
-    }
-}
-
 /// The longest one pull request may stay unanswered.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -649,7 +747,7 @@ async fn pump(
     shared: Arc<Shared>,
     lanes: Vec<PullConsumer>,
     mut bell: async_nats::Subscriber,
-    tx: mpsc::UnboundedSender<Delivery>,
+    tx: mpsc::UnboundedSender<Vec<Delivery>>,
 ) {
     let mut closed = shared.inner.closed.subscribe();
     let idle_poll = shared.inner.options.idle_poll;
@@ -675,6 +773,9 @@ async fn pump(
         let mut asked = 0u8;
         let mut full = false;
         let mut handed = 0usize;
+        // Deliveries not handed over yet: sent as one run when no more messages are
+        // ready right now (see the module comment).
+        let mut run: Vec<Delivery> = Vec::new();
         if room > 0 {
             for d in shared.take_due(room) {
                 let now = Utc::now();
@@ -693,11 +794,8 @@ async fn pump(
                     }
                     continue;
                 }
-                let delivery = shared.hand_out(d.acker, d.attempt, d.envelope, d.sequence);
+                run.push(shared.hand_out(d.acker, d.attempt, d.envelope, d.sequence));
                 handed += 1;
-                if tx.send(delivery).is_err() {
-                    return;
-                }
             }
             full = force_full || last_full.elapsed() >= idle_poll;
             if full {
@@ -759,19 +857,29 @@ async fn pump(
                         }
                     };
                     failures = 0;
-                    if message.info().is_ok_and(|info| info.pending > 0) {
+                    let Some(meta) = Meta::of(&message) else {
+                        continue;
+                    };
+                    if meta.pending > 0 {
                         known |= 1 << i;
                     } else {
                         known &= !(1 << i);
                     }
-                    if let Some(delivery) = shared.admit(message).await {
+                    if let Some(delivery) = shared.admit(message, meta).await {
                         handed += 1;
-                        if tx.send(delivery).is_err() {
-                            return;
-                        }
+                        run.push(delivery);
                     }
                 }
+                // The whole fetch as one run (a no-wait pull ends as soon as the lane
+                // has nothing more): handing over part of it made the consumer settle
+                // part, and every later fetch was sized to that part.
+                if !run.is_empty() && tx.send(std::mem::take(&mut run)).is_err() {
+                    return;
+                }
             }
+        }
+        if !run.is_empty() && tx.send(run).is_err() {
+            return;
         }
         rang &= !asked;
         if handed > 0 || (room > 0 && (rang | known) != 0) {

@@ -55,7 +55,14 @@ pub(crate) struct Inner {
     configs: Mutex<Vec<(ChannelPattern, ChannelConfig)>>,
     /// Per limited channel: (messages the server last reported, publishes since).
     estimates: Mutex<HashMap<String, (u64, u64)>>,
-    dropped: Mutex<HashMap<String, u64>>,
+    /// Per channel with `max_bytes`: the mean size (`Envelope::size_bytes`) of this
+    /// process's publishes, which turns the byte limit into a message count (JetStream
+    /// reports no bytes per subject).
+    sizes: Mutex<HashMap<String, u64>>,
+    /// The stream's `duplicate_window` as last set (raised by `configure_channels`
+    /// when a channel asks for a longer one).
+    stream_window: Mutex<Duration>,
+    pub(crate) dropped: Mutex<HashMap<String, u64>>,
     pub(crate) dead_lettered: Mutex<HashMap<String, u64>>,
     pub(crate) members: Mutex<HashMap<String, usize>>,
     rejected_full: AtomicU64,
@@ -125,6 +132,7 @@ impl NatsTransport {
             options.max_payload_bytes
         };
         let (closed, _) = watch::channel(false);
+        let stream_window = stream.cached_info().config.duplicate_window;
         let inner = Arc::new(Inner {
             client,
             js,
@@ -133,6 +141,8 @@ impl NatsTransport {
             groups: RwLock::new(HashMap::new()),
             configs: Mutex::new(Vec::new()),
             estimates: Mutex::new(HashMap::new()),
+            sizes: Mutex::new(HashMap::new()),
+            stream_window: Mutex::new(stream_window),
             dropped: Mutex::new(HashMap::new()),
             dead_lettered: Mutex::new(HashMap::new()),
             members: Mutex::new(HashMap::new()),
@@ -211,18 +221,106 @@ impl NatsTransport {
     }
 
     fn config_for(&self, channel: &ChannelName) -> Option<ChannelConfig> {
-        self.inner
-            .configs
-            .lock()
-            .iter()
-            .rev()
-            .find(|(p, _)| p.matches(channel))
-            .map(|(_, c)| c.clone())
+        self.inner.config_for(channel)
+    }
+
+    /// The dedup window of `channel`: its configured one, else the stream's default.
+    fn dedup_window(&self, config: Option<&ChannelConfig>) -> Duration {
+        config.map_or(self.inner.options.duplicate_window, |c| c.dedup_window)
+    }
+
+    /// Stores a message, applying the channel's dedup `window` exactly: JetStream
+    /// remembers an id for the stream's `duplicate_window`, which may be longer than
+    /// the channel's; a duplicate whose original is older than `window` (or gone) is
+    /// stored again under the key `<id>.<n>`, the next key not yet stored within the
+    /// channel's window. With a zero window no dedup key is sent at all.
+    async fn store(
+        &self,
+        subject: String,
+        mut headers: async_nats::HeaderMap,
+        payload: bytes::Bytes,
+        id: MessageId,
+        channel: &ChannelName,
+        window: Duration,
+    ) -> Result<jetstream::publish::PublishAck> {
+        let mut generation = 0u32;
+        loop {
+            let ack = self
+                .inner
+                .js
+                .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                .await
+                .map_err(|e| publish_error(channel, e))?
+                .await
+                .map_err(|e| publish_error(channel, e))?;
+            if !self.outside_window(&ack, window).await? || generation >= MAX_DEDUP_GENERATIONS {
+                return Ok(ack);
+            }
+            generation += 1;
+            headers.insert("Nats-Msg-Id", format!("{id}.{generation}").as_str());
+        }
+    }
+
+    /// Whether `ack` reports a duplicate whose original is older than `window` (or
+    /// gone), so that the channel's dedup no longer applies to it.
+    async fn outside_window(
+        &self,
+        ack: &jetstream::publish::PublishAck,
+        window: Duration,
+    ) -> Result<bool> {
+        if !ack.duplicate || window >= *self.inner.stream_window.lock() {
+            return Ok(false);
+        }
+        match self.inner.stream.get_raw_message(ack.sequence).await {
+            Ok(original) => {
+                let age = time::OffsetDateTime::now_utc() - original.time;
+                Ok(age > window)
+            }
+            Err(e) if is_not_found(&e) => Ok(true),
+            Err(e) => Err(backend(
+                format!("reading message {} to check its dedup window", ack.sequence),
+                e,
+            )),
+        }
+    }
+
+    /// Raises the stream's `duplicate_window` to `window` if it is shorter (JetStream
+    /// dedups per stream; shorter per-channel windows are applied by [`Self::store`]).
+    async fn ensure_stream_window(&self, window: Duration) -> Result<()> {
+        if window <= *self.inner.stream_window.lock() {
+            return Ok(());
+        }
+        let mut stream = self.inner.stream.clone();
+        let mut config = stream
+            .info()
+            .await
+            .map_err(|e| backend("reading the stream's configuration", e))?
+            .config
+            .clone();
+        if config.duplicate_window >= window {
+            *self.inner.stream_window.lock() = config.duplicate_window;
+            return Ok(());
+        }
+        config.duplicate_window = window;
+        let name = config.name.clone();
+        let info = self.inner.js.update_stream(config).await.map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "NATS: cannot raise the duplicate_window of stream '{name}' to {} for a \
+                     channel's dedup_window: {e}; JetStream needs it no longer than the \
+                     stream's max_age; choose a shorter dedup_window",
+                    humanize(window)
+                ),
+            )
+        })?;
+        *self.inner.stream_window.lock() = info.config.duplicate_window;
+        Ok(())
     }
 
     /// A reply to a core request: straight to the requester's inbox subject.
     async fn reply_core(&self, envelope: Envelope) -> Result<PublishReceipt> {
-        let headers = wire::encode(&envelope)?;
+        let headers = wire::encode(&envelope, false)?;
         self.inner
             .client
             .publish_with_headers(
@@ -251,9 +349,30 @@ impl NatsTransport {
 
     /// Applies a channel's configured `max_messages` before a publish: trims what every
     /// group settled, then rejects or drops the oldest.
-    async fn make_room(&self, channel: &ChannelName, config: &ChannelConfig) -> Result<()> {
-        let Some(max) = config.max_messages else {
-            return Ok(());
+    async fn make_room(
+        &self,
+        channel: &ChannelName,
+        config: &ChannelConfig,
+        size: u64,
+    ) -> Result<()> {
+        // `max_bytes` as a message count at this channel's mean message size.
+        let by_bytes = config.max_bytes.map(|max_bytes| {
+            let mut sizes = self.inner.sizes.lock();
+            let mean = sizes.entry(channel.as_str().to_string()).or_insert(size);
+            *mean = (*mean * 7 + size) / 8;
+            (max_bytes, (max_bytes / (*mean).max(1)).max(1), *mean)
+        });
+        let (max, limit) = match (config.max_messages, by_bytes) {
+            (None, None) => return Ok(()),
+            (Some(m), Some((b, n, mean))) if n < m => (
+                n,
+                format!("max_bytes = {b} (about {n} messages of ~{mean} bytes)"),
+            ),
+            (Some(m), _) => (m, format!("max_messages = {m}")),
+            (None, Some((b, n, mean))) => (
+                n,
+                format!("max_bytes = {b} (about {n} messages of ~{mean} bytes)"),
+            ),
         };
         // Ask the server only when this process's estimate nears the limit, or after a
         // tenth of the limit in own publishes (others' publishes are seen then).
@@ -325,8 +444,8 @@ impl NatsTransport {
                 Err(Error::new(
                     ErrorKind::Full,
                     format!(
-                        "channel '{channel}' holds {count} unconsumed messages, its limit is {max} \
-                         (discard = reject_new); consume and ack, or raise max_messages"
+                        "channel '{channel}' holds {count} unconsumed messages, its limit is {limit} \
+                         (discard = reject_new); consume and ack, or raise the limit"
                     ),
                 )
                 .with_context("channel", channel))
@@ -427,7 +546,32 @@ pub(crate) async fn subject_counts(
     Ok(counts)
 }
 
+/// How many times a publish is re-keyed (`<id>.<n>`) past duplicates that are only
+/// duplicates in the stream's longer dedup window (bounds the loop; reached only by
+/// an id republished more than this many times within the stream's window).
+const MAX_DEDUP_GENERATIONS: u32 = 64;
+
 impl Inner {
+    /// The configuration of `channel`: the last `configure_channels` whose pattern
+    /// matches it.
+    pub(crate) fn config_for(&self, channel: &ChannelName) -> Option<ChannelConfig> {
+        self.configs
+            .lock()
+            .iter()
+            .rev()
+            .find(|(p, _)| p.matches(channel))
+            .map(|(_, c)| c.clone())
+    }
+
+    /// Counts a message dropped from `channel` by a retention limit.
+    pub(crate) fn count_dropped(&self, channel: &ChannelName) {
+        *self
+            .dropped
+            .lock()
+            .entry(channel.as_str().to_string())
+            .or_insert(0) += 1;
+    }
+
     /// Loads every group of the stream and keeps the view live from JetStream's
     /// consumer advisories (so receipts count groups other processes create).
     async fn watch_groups(self: &Arc<Self>) -> Result<()> {
@@ -596,10 +740,13 @@ impl Transport for NatsTransport {
         if envelope.channel.as_str().starts_with("_INBOX.") {
             return self.reply_core(envelope).await;
         }
-        if let Some(config) = self.config_for(&envelope.channel) {
-            self.make_room(&envelope.channel, &config).await?;
+        let config = self.config_for(&envelope.channel);
+        if let Some(config) = &config {
+            self.make_room(&envelope.channel, config, envelope.size_bytes() as u64)
+                .await?;
         }
-        let headers = wire::encode(&envelope)?;
+        let window = self.dedup_window(config.as_ref());
+        let headers = wire::encode(&envelope, !window.is_zero())?;
         let subject = wire::subject(
             &self.inner.options.prefix,
             envelope.header.priority,
@@ -607,13 +754,15 @@ impl Transport for NatsTransport {
         );
         let channel = envelope.channel;
         let ack = self
-            .inner
-            .js
-            .publish_with_headers(subject, headers, envelope.payload)
-            .await
-            .map_err(|e| publish_error(&channel, e))?
-            .await
-            .map_err(|e| publish_error(&channel, e))?;
+            .store(
+                subject,
+                headers,
+                envelope.payload,
+                envelope.header.id,
+                &channel,
+                window,
+            )
+            .await?;
         Ok(PublishReceipt {
             id: envelope.header.id,
             groups: self.count_groups(&channel),
@@ -630,10 +779,13 @@ impl Transport for NatsTransport {
             let sent = async {
                 self.check_open()?;
                 self.inner.limits.check(&envelope, Utc::now())?;
-                if let Some(config) = self.config_for(&envelope.channel) {
-                    self.make_room(&envelope.channel, &config).await?;
+                let config = self.config_for(&envelope.channel);
+                if let Some(config) = &config {
+                    self.make_room(&envelope.channel, config, envelope.size_bytes() as u64)
+                        .await?;
                 }
-                let headers = wire::encode(&envelope)?;
+                let window = self.dedup_window(config.as_ref());
+                let headers = wire::encode(&envelope, !window.is_zero())?;
                 let subject = wire::subject(
                     &self.inner.options.prefix,
                     envelope.header.priority,
@@ -642,10 +794,15 @@ impl Transport for NatsTransport {
                 let future = self
                     .inner
                     .js
-                    .publish_with_headers(subject, headers, envelope.payload)
+                    .publish_with_headers(
+                        subject.clone(),
+                        headers.clone(),
+                        envelope.payload.clone(),
+                    )
                     .await
                     .map_err(|e| publish_error(&envelope.channel, e))?;
-                Ok((envelope.header.id, envelope.channel, future))
+                let resend = (subject, headers, envelope.payload, window);
+                Ok((envelope.header.id, envelope.channel, future, resend))
             }
             .await;
             pending.push(sent);
@@ -654,16 +811,27 @@ impl Transport for NatsTransport {
         for sent in pending {
             receipts.push(match sent {
                 Err(e) => Err(e),
-                Ok((id, channel, future)) => match future.await {
-                    Ok(ack) => Ok(PublishReceipt {
+                Ok((id, channel, future, (subject, headers, payload, window))) => {
+                    let stored = match future.await {
+                        Ok(ack) => match self.outside_window(&ack, window).await {
+                            // A duplicate only in the stream's longer window: store it.
+                            Ok(true) => {
+                                self.store(subject, headers, payload, id, &channel, window)
+                                    .await
+                            }
+                            Ok(false) => Ok(ack),
+                            Err(e) => Err(e),
+                        },
+                        Err(e) => Err(publish_error(&channel, e)),
+                    };
+                    stored.map(|ack| PublishReceipt {
                         id,
                         groups: self.count_groups(&channel),
                         channel,
                         sequence: ack.sequence,
                         duplicate: ack.duplicate,
-                    }),
-                    Err(e) => Err(publish_error(&channel, e)),
-                },
+                    })
+                }
             });
         }
         receipts
@@ -682,6 +850,7 @@ impl Transport for NatsTransport {
         config: ChannelConfig,
     ) -> Result<()> {
         self.check_open()?;
+        self.ensure_stream_window(config.dedup_window).await?;
         self.inner.configs.lock().push((pattern, config));
         Ok(())
     }
@@ -920,14 +1089,15 @@ impl Transport for NatsTransport {
         self.check_open()?;
         self.inner.limits.check(&envelope, Utc::now())?;
         let channel = envelope.channel.clone();
-        let inbox = self.inner.client.new_inbox();
-        envelope.header.reply_to = Some(ChannelName::new(&inbox)?);
-        let headers = wire::encode(&envelope)?;
+        // The reply subject is the client's shared request inbox (one subscription for
+        // every request, no SUB/UNSUB per request); it is only known once sent, so the
+        // responder takes `reply_to` from the NATS message's reply subject.
+        envelope.header.reply_to = None;
+        let headers = wire::encode(&envelope, false)?;
         let subject = wire::request_subject(&self.inner.options.prefix, channel.as_str());
         let request = async_nats::Request::new()
             .payload(envelope.payload)
             .headers(headers)
-            .inbox(inbox)
             .timeout(Some(timeout));
         match self.inner.client.send_request(subject, request).await {
             Ok(reply) => {
@@ -978,7 +1148,7 @@ impl Transport for NatsTransport {
                     e,
                 )
             })?;
-        let headers = wire::encode(&envelope)?;
+        let headers = wire::encode(&envelope, false)?;
         let subject = wire::request_subject(&self.inner.options.prefix, channel.as_str());
         self.inner
             .client

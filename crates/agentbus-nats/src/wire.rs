@@ -41,16 +41,19 @@ pub(crate) fn channel_of(prefix: &str, subject: &str) -> Option<String> {
     }
 }
 
-/// NATS headers for `envelope`.
+/// NATS headers for `envelope`; with `dedup`, the id as JetStream's dedup key
+/// `Nats-Msg-Id` (left out for a channel whose dedup window is zero).
 ///
 /// # Errors
 /// [`ErrorKind::Internal`] if the header cannot be encoded (it always can).
-pub(crate) fn encode(envelope: &Envelope) -> Result<HeaderMap> {
+pub(crate) fn encode(envelope: &Envelope, dedup: bool) -> Result<HeaderMap> {
     let json = serde_json::to_string(&envelope.header).map_err(|e| {
         Error::new(ErrorKind::Internal, "could not encode the envelope header").with_source(e)
     })?;
     let mut headers = HeaderMap::new();
-    headers.insert("Nats-Msg-Id", envelope.header.id.to_string().as_str());
+    if dedup {
+        headers.insert("Nats-Msg-Id", envelope.header.id.to_string().as_str());
+    }
     headers.insert(HEADER, json.as_str());
     Ok(headers)
 }
@@ -75,7 +78,7 @@ pub(crate) fn decode(
     let channel = ChannelName::new(channel)?;
     let raw = headers
         .and_then(|h| h.get(HEADER))
-        .map(|v| v.as_str().to_string())
+        .map(|v| v.as_str())
         .ok_or_else(|| {
             Error::new(
                 ErrorKind::Schema,
@@ -85,7 +88,7 @@ pub(crate) fn decode(
                 ),
             )
         })?;
-    let header: Header = serde_json::from_str(&raw).map_err(|e| {
+    let header: Header = serde_json::from_str(raw).map_err(|e| {
         Error::new(
             ErrorKind::Schema,
             format!("the {HEADER} header of a message on '{subject}' is not valid: {e}"),
@@ -113,7 +116,7 @@ pub(crate) fn decode_core(
     let channel = ChannelName::new(channel)?;
     let raw = headers
         .and_then(|h| h.get(HEADER))
-        .map(|v| v.as_str().to_string())
+        .map(|v| v.as_str())
         .ok_or_else(|| {
             Error::new(
                 ErrorKind::Schema,
@@ -122,7 +125,7 @@ pub(crate) fn decode_core(
                 ),
             )
         })?;
-    let header: Header = serde_json::from_str(&raw).map_err(|e| {
+    let header: Header = serde_json::from_str(raw).map_err(|e| {
         Error::new(
             ErrorKind::Schema,
             format!("the {HEADER} header of a message for '{channel}' is not valid: {e}"),
@@ -163,7 +166,7 @@ mod tests {
         let channel = ChannelName::new("a.b").unwrap();
         let envelope =
             Envelope::new(channel, "k", b"{\"n\":1}".to_vec()).with_priority(Priority::Low);
-        let headers = encode(&envelope).unwrap();
+        let headers = encode(&envelope, true).unwrap();
         let subject = subject("p", envelope.header.priority, envelope.channel.as_str());
         let back = decode("p", &subject, Some(&headers), envelope.payload.clone()).unwrap();
         assert_eq!(back, envelope);
