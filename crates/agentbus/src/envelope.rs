@@ -123,17 +123,32 @@ impl Serialize for Priority {
 }
 
 impl<'de> Deserialize<'de> for Priority {
+    /// A name (`"high"`) or a level (`3`). A visitor rather than an untagged enum:
+    /// this runs for every header a backend decodes, and an untagged enum buffers the
+    /// value and builds an error for each variant that does not match.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Repr {
-            Name(String),
-            Number(u8),
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Priority;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a priority: low, normal, high, critical or 1-4")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Priority, E> {
+                v.parse().map_err(E::custom)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Priority, E> {
+                u8::try_from(v)
+                    .ok()
+                    .and_then(|n| Priority::from_u8(n).ok())
+                    .ok_or_else(|| E::custom(format!("priority {v} is not 1-4")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Priority, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("priority {v} is not 1-4")))
+                    .and_then(|v| self.visit_u64(v))
+            }
         }
-        match Repr::deserialize(d)? {
-            Repr::Name(name) => name.parse().map_err(serde::de::Error::custom),
-            Repr::Number(n) => Priority::from_u8(n).map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -480,6 +495,11 @@ mod tests {
         assert!(Priority::from_u8(5).is_err());
         let p: Priority = serde_json::from_str("4").unwrap();
         assert_eq!(p, Priority::Critical);
+        let p: Priority = serde_json::from_str("\"high\"").unwrap();
+        assert_eq!(p, Priority::High);
+        for bad in ["9", "-1", "\"urgent\"", "true", "1.5"] {
+            assert!(serde_json::from_str::<Priority>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
