@@ -26,6 +26,7 @@
 //! ```
 
 mod consumer;
+mod fast;
 mod scripts;
 mod util;
 
