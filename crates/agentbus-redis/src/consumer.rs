@@ -772,22 +772,20 @@ impl Consumer for RedisConsumer {
                     && !channels.is_empty()
                     && channels.len() <= NATIVE_MAX_CHANNELS;
                 if native {
-                    // After a take that found nothing, the read itself waits (on the
-                    // consumer's own connection) for new entries or the next due time.
+                    // Reads go over the consumer's own connection (as a raw client's
+                    // consumer would), so they never queue behind other traffic; after
+                    // a take that found nothing, the read itself waits for new entries
+                    // or the next due time.
+                    let own = self.waiter().await;
                     let block = self.native_idle.then(|| self.slice());
-                    let conn = match block {
-                        Some(_) => self.waiter().await,
-                        None => None,
+                    self.take_kind = match (&own, block) {
+                        (Some(_), Some(_)) => TakeKind::NativeBlocking,
+                        _ => TakeKind::Native,
                     };
-                    let (kind, block) = match conn {
-                        Some(conn) => (TakeKind::NativeBlocking, block.map(|b| (b, conn))),
-                        None => (TakeKind::Native, None),
-                    };
-                    self.take_kind = kind;
                     self.take = Some(tokio::spawn(async move {
-                        match block {
-                            Some((slice, mut conn)) => {
-                                run_native_take(&sub, &mut conn, &channels, room, Some(slice)).await
+                        match own {
+                            Some(mut conn) => {
+                                run_native_take(&sub, &mut conn, &channels, room, block).await
                             }
                             None => {
                                 let mut conn = sub.shared.conn();
@@ -819,8 +817,8 @@ impl Consumer for RedisConsumer {
             let result = match result {
                 Ok(r) => r,
                 Err(e) => {
-                    if kind == TakeKind::NativeBlocking {
-                        // The wait connection may be broken: open a new one next time.
+                    if kind != TakeKind::Script {
+                        // The own connection may be broken: open a new one next time.
                         self.waiter = None;
                     }
                     self.native_idle = false;
