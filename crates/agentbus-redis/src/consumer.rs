@@ -1,9 +1,10 @@
 //! A subscription: the take loop, the blocking wait and settling.
 //!
-//! `next_batch` runs the `take` script (which hands out deliveries atomically, in
-//! priority order, within the prefetch) in a spawned task kept in the consumer, so a
-//! `next_batch` dropped halfway never loses what the script handed out: the next call
-//! picks the finished task up. When nothing is ready it waits with a non-consuming
+//! `next_batch` runs a take — the native `XREADGROUP` of `crate::fast` while the
+//! consumer is busy, the `take` script (which hands out deliveries atomically, in
+//! priority order, within the prefetch, with redeliveries) otherwise — in a spawned
+//! task kept in the consumer, so a `next_batch` dropped halfway never loses what the
+//! take handed out: the next call picks the finished task up. When nothing is ready it waits with a non-consuming
 //! `XREAD BLOCK` on the group's streams, on a connection of its own, for at most
 //! [`BLOCK_SLICE`] or until the next scheduled redelivery, then takes again.
 
@@ -536,8 +537,6 @@ pub(crate) struct RedisConsumer {
     last_scan: Option<Instant>,
     /// How the running (or last) take was made.
     take_kind: TakeKind,
-    /// The last native take found nothing: the next one blocks until something comes.
-    native_idle: bool,
     /// A native take found work for the script (due redeliveries, entries handed
     /// back): the next take runs the script.
     script_next: bool,
@@ -548,10 +547,11 @@ pub(crate) struct RedisConsumer {
 enum TakeKind {
     /// The `take` script: redeliveries, expiries, due parked entries, new entries.
     Script,
-    /// A plain `XREADGROUP` of new entries (`crate::fast`).
+    /// A plain `XREADGROUP` of new entries (`crate::fast`). Never blocking: a read
+    /// that consumed entries while its `next_batch` was dropped would hold them,
+    /// unseen, until the next call (their ack wait and deadlines running); the idle
+    /// wait is a non-consuming `XREAD BLOCK` instead.
     Native,
-    /// The same, blocking on the consumer's own connection until something comes.
-    NativeBlocking,
 }
 
 impl fmt::Debug for RedisConsumer {
@@ -638,7 +638,6 @@ impl RedisConsumer {
             next_due: None,
             last_scan: None,
             take_kind: TakeKind::Script,
-            native_idle: false,
             script_next: false,
         })
     }
@@ -709,8 +708,8 @@ impl RedisConsumer {
         slice
     }
 
-    /// The consumer's own connection for blocking commands (opened on first use);
-    /// `None` when it cannot be opened now.
+    /// The consumer's own connection for native takes and the blocking wait (opened
+    /// on first use); `None` when it cannot be opened now.
     async fn waiter(&mut self) -> Option<MultiplexedConnection> {
         if self.waiter.is_none() {
             let config = AsyncConnectionConfig::new()
@@ -773,23 +772,17 @@ impl Consumer for RedisConsumer {
                     && channels.len() <= NATIVE_MAX_CHANNELS;
                 if native {
                     // Reads go over the consumer's own connection (as a raw client's
-                    // consumer would), so they never queue behind other traffic; after
-                    // a take that found nothing, the read itself waits for new entries
-                    // or the next due time.
+                    // consumer would), so they never queue behind other traffic.
                     let own = self.waiter().await;
-                    let block = self.native_idle.then(|| self.slice());
-                    self.take_kind = match (&own, block) {
-                        (Some(_), Some(_)) => TakeKind::NativeBlocking,
-                        _ => TakeKind::Native,
-                    };
+                    self.take_kind = TakeKind::Native;
                     self.take = Some(tokio::spawn(async move {
                         match own {
                             Some(mut conn) => {
-                                run_native_take(&sub, &mut conn, &channels, room, block).await
+                                run_native_take(&sub, &mut conn, &channels, room).await
                             }
                             None => {
                                 let mut conn = sub.shared.conn();
-                                run_native_take(&sub, &mut conn, &channels, room, None).await
+                                run_native_take(&sub, &mut conn, &channels, room).await
                             }
                         }
                     }));
@@ -821,7 +814,6 @@ impl Consumer for RedisConsumer {
                         // The own connection may be broken: open a new one next time.
                         self.waiter = None;
                     }
-                    self.native_idle = false;
                     return Err(e);
                 }
             };
@@ -838,7 +830,6 @@ impl Consumer for RedisConsumer {
             let channels_changed = self.chver.as_deref() != Some(result.chver.as_str());
             self.next_due = result.next_due;
             self.script_next |= result.script_needed;
-            self.native_idle = false;
             if !result.deliver.is_empty() {
                 let settler: Arc<dyn Settler> = self.sub.clone();
                 let mut out = Vec::with_capacity(result.deliver.len());
@@ -877,28 +868,17 @@ impl Consumer for RedisConsumer {
             if result.script_needed {
                 continue;
             }
-            match kind {
-                TakeKind::Native => {
-                    // Nothing new: the next native take blocks until something is.
-                    self.native_idle = true;
-                    continue;
-                }
-                TakeKind::NativeBlocking => {
-                    // A whole wait passed: look for expired deliveries next.
-                    self.last_scan = None;
-                    continue;
-                }
-                TakeKind::Script => {}
+            if kind == TakeKind::Native {
+                // Nothing new: before waiting, a script take looks for expired
+                // deliveries and due redeliveries, and returns where to wait from.
+                self.last_scan = None;
+                continue;
             }
             self.last_ids = result.last_ids;
-            // Idle: the next take looks for expired deliveries whatever the interval.
-            self.last_scan = None;
-            if self.channels.len() <= NATIVE_MAX_CHANNELS && !self.channels.is_empty() {
-                // The next (native) take waits for new entries itself; `last_scan` is
-                // set so it is not a script take again right away.
-                self.last_scan = Some(Instant::now());
-                self.native_idle = true;
-                continue;
+            if self.channels.is_empty() || self.channels.len() > NATIVE_MAX_CHANNELS {
+                // Idle: the next (script) take looks for expired deliveries whatever
+                // the interval. (A consumer on the fast path has just done so.)
+                self.last_scan = None;
             }
             let shared = self.sub.shared.clone();
             tokio::select! {

@@ -7,8 +7,6 @@
 //! several keys — redeliveries, ack-wait expiry, delayed entries becoming due, dead
 //! letters — and a native take hands over to the script whenever it sees such work.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use chrono::Utc;
 use redis::aio::ConnectionLike;
@@ -224,9 +222,8 @@ fn park_cmds(pipe: &mut redis::Pipeline, sub: &Sub, parked: &[(&Read, f64)]) {
     }
 }
 
-/// Takes up to `room` new entries with one `XREADGROUP` over the lanes of `channels`
-/// (blocking for `block` when given — the wait for new entries is the read itself),
-/// pipelined with what decides whether the script must run instead: the group's
+/// Takes up to `room` new entries with one (non-blocking) `XREADGROUP` over the lanes
+/// of `channels`, pipelined with what decides whether the script must run instead: the group's
 /// existence, the channel registry version and the earliest parked entry.
 ///
 /// Rules kept here as in the script: entries past their deadline are dead-lettered
@@ -239,11 +236,9 @@ pub(crate) async fn run_native_take<C: ConnectionLike + Send>(
     conn: &mut C,
     channels: &[String],
     room: usize,
-    block: Option<Duration>,
 ) -> agentbus::Result<TakeResult> {
     let p = sub.prefix();
     let streams = lane_streams(p, channels);
-    let now = millis(Utc::now());
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     pipe.cmd("GET").arg(format!("{p}:chver"));
@@ -260,9 +255,6 @@ pub(crate) async fn run_native_take<C: ConnectionLike + Send>(
         .arg(&sub.consumer)
         .arg("COUNT")
         .arg(room);
-    if let Some(block) = block {
-        read.arg("BLOCK").arg(block.as_millis().max(1) as u64);
-    }
     read.arg("STREAMS").arg(&streams);
     for _ in &streams {
         read.arg(">");
@@ -300,6 +292,8 @@ pub(crate) async fn run_native_take<C: ConnectionLike + Send>(
         .get_mut(3)
         .map_or(Value::Nil, |v| std::mem::replace(v, Value::Nil));
     let reads = parse_read(read, &streams);
+    // Deadlines and delays are judged at the time the entries arrived.
+    let now = millis(Utc::now());
     if reads.is_empty() {
         result.script_needed = due_now;
         return Ok(result);
