@@ -192,13 +192,14 @@ async fn through_agentbus(
             Ok::<_, agentbus::Error>(())
         }));
     }
-    for t in producer_tasks {
-        t.await??;
-    }
-    let mut lat = Vec::new();
-    for t in consumer_tasks {
-        lat.extend(t.await??);
-    }
+    // The first failing task ends the run (awaiting in order would wait forever for
+    // consumers that can no longer reach the total).
+    finish(producer_tasks).await?;
+    let lat: Vec<u64> = finish(consumer_tasks)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
     let elapsed = start.elapsed();
     transport.delete_everything().await?;
     let (p50_us, p99_us) = percentiles(lat);
@@ -210,6 +211,27 @@ async fn through_agentbus(
     })
 }
 
+/// The raw client's connections get agentbus's default response timeout (5 s):
+/// redis-rs's own default (500 ms) fails blocked reads on a loaded machine, which
+/// ended raw consumers early and left the run waiting for them.
+fn config() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(RedisOptions::default().response_timeout))
+}
+
+/// Awaits every task; the first error (of a task or of its join) is returned at once.
+async fn finish<T, E>(tasks: Vec<tokio::task::JoinHandle<Result<T, E>>>) -> anyhow::Result<Vec<T>>
+where
+    E: Into<anyhow::Error>,
+{
+    futures::future::try_join_all(
+        tasks
+            .into_iter()
+            .map(|t| async move { t.await?.map_err(Into::into) }),
+    )
+    .await
+}
+
 async fn through_raw_client(
     url: &str,
     prefix: &str,
@@ -218,7 +240,9 @@ async fn through_raw_client(
     messages: u64,
 ) -> anyhow::Result<Figures> {
     let client = redis::Client::open(url)?;
-    let mut admin = client.get_multiplexed_async_connection().await?;
+    let mut admin = client
+        .get_multiplexed_async_connection_with_config(&config())
+        .await?;
     let key = format!("{prefix}:raw");
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
@@ -233,7 +257,9 @@ async fn through_raw_client(
     let mut consumer_tasks = Vec::new();
     for c in 0..consumers {
         // Blocking reads need a connection each.
-        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config())
+            .await?;
         let received = received.clone();
         let key = key.clone();
         consumer_tasks.push(tokio::spawn(async move {
@@ -283,13 +309,14 @@ async fn through_raw_client(
             Ok::<_, redis::RedisError>(())
         }));
     }
-    for t in producer_tasks {
-        t.await??;
-    }
-    let mut lat = Vec::new();
-    for t in consumer_tasks {
-        lat.extend(t.await??);
-    }
+    // The first failing task ends the run (awaiting in order would wait forever for
+    // consumers that can no longer reach the total).
+    finish(producer_tasks).await?;
+    let lat: Vec<u64> = finish(consumer_tasks)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
     let elapsed = start.elapsed();
     let _: u64 = admin.del(&key).await?;
     let (p50_us, p99_us) = percentiles(lat);
