@@ -9,7 +9,9 @@
 //! group, 1 producer : 1 consumer and 8 : 8, batches of 128 (agentbus: `publish_batch`,
 //! `next_batch(128)`, `ack_all`; raw: a pipeline of 128 `XADD`s, `XREADGROUP COUNT 128
 //! BLOCK`, one `XACK` with every id). Latency is publish-to-receive, per message.
-//! Keys live under a fresh prefix and are deleted afterwards.
+//! Keys live under a fresh prefix and are deleted afterwards. Each run also reports
+//! the CPU time per message of the Redis server (`INFO cpu`, which counts every client
+//! of the server) and of this process (Linux), so the ratio can be explained.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,6 +32,64 @@ struct Figures {
     msgs_per_s: f64,
     p50_us: f64,
     p99_us: f64,
+    /// CPU time per message of the Redis server and of this process during the run.
+    cpu: Cpu,
+}
+
+/// CPU time per message, in µs: where the time of a run goes.
+#[derive(Default)]
+struct Cpu {
+    server_us: f64,
+    client_us: f64,
+}
+
+/// CPU seconds used so far by this process (Linux `/proc/self/stat`; 0 elsewhere).
+fn own_cpu() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime, in clock ticks of 1/100 s on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds used so far by the Redis server (`INFO cpu`).
+async fn server_cpu(url: &str) -> anyhow::Result<f64> {
+    let mut conn = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await?;
+    Ok(info
+        .lines()
+        .filter(|l| l.starts_with("used_cpu_user:") || l.starts_with("used_cpu_sys:"))
+        .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
+        .sum())
+}
+
+/// Runs `run` and measures the CPU both sides used for `messages` messages.
+async fn measured<F>(url: &str, messages: u64, run: F) -> anyhow::Result<Figures>
+where
+    F: std::future::Future<Output = anyhow::Result<Figures>>,
+{
+    let (server0, client0) = (server_cpu(url).await?, own_cpu());
+    let mut figures = run.await?;
+    let (server1, client1) = (server_cpu(url).await?, own_cpu());
+    figures.cpu = Cpu {
+        server_us: (server1 - server0) * 1e6 / messages as f64,
+        client_us: (client1 - client0) * 1e6 / messages as f64,
+    };
+    Ok(figures)
 }
 
 fn payload(base: Instant) -> Vec<u8> {
@@ -132,13 +192,14 @@ async fn through_agentbus(
             Ok::<_, agentbus::Error>(())
         }));
     }
-    for t in producer_tasks {
-        t.await??;
-    }
-    let mut lat = Vec::new();
-    for t in consumer_tasks {
-        lat.extend(t.await??);
-    }
+    // The first failing task ends the run (awaiting in order would wait forever for
+    // consumers that can no longer reach the total).
+    finish(producer_tasks).await?;
+    let lat: Vec<u64> = finish(consumer_tasks)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
     let elapsed = start.elapsed();
     transport.delete_everything().await?;
     let (p50_us, p99_us) = percentiles(lat);
@@ -146,7 +207,29 @@ async fn through_agentbus(
         msgs_per_s: messages as f64 / elapsed.as_secs_f64(),
         p50_us,
         p99_us,
+        cpu: Cpu::default(),
     })
+}
+
+/// The raw client's connections get agentbus's default response timeout (5 s):
+/// redis-rs's own default (500 ms) fails blocked reads on a loaded machine, which
+/// ended raw consumers early and left the run waiting for them.
+fn config() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(RedisOptions::default().response_timeout))
+}
+
+/// Awaits every task; the first error (of a task or of its join) is returned at once.
+async fn finish<T, E>(tasks: Vec<tokio::task::JoinHandle<Result<T, E>>>) -> anyhow::Result<Vec<T>>
+where
+    E: Into<anyhow::Error>,
+{
+    futures::future::try_join_all(
+        tasks
+            .into_iter()
+            .map(|t| async move { t.await?.map_err(Into::into) }),
+    )
+    .await
 }
 
 async fn through_raw_client(
@@ -157,7 +240,9 @@ async fn through_raw_client(
     messages: u64,
 ) -> anyhow::Result<Figures> {
     let client = redis::Client::open(url)?;
-    let mut admin = client.get_multiplexed_async_connection().await?;
+    let mut admin = client
+        .get_multiplexed_async_connection_with_config(&config())
+        .await?;
     let key = format!("{prefix}:raw");
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
@@ -172,7 +257,9 @@ async fn through_raw_client(
     let mut consumer_tasks = Vec::new();
     for c in 0..consumers {
         // Blocking reads need a connection each.
-        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config())
+            .await?;
         let received = received.clone();
         let key = key.clone();
         consumer_tasks.push(tokio::spawn(async move {
@@ -222,13 +309,14 @@ async fn through_raw_client(
             Ok::<_, redis::RedisError>(())
         }));
     }
-    for t in producer_tasks {
-        t.await??;
-    }
-    let mut lat = Vec::new();
-    for t in consumer_tasks {
-        lat.extend(t.await??);
-    }
+    // The first failing task ends the run (awaiting in order would wait forever for
+    // consumers that can no longer reach the total).
+    finish(producer_tasks).await?;
+    let lat: Vec<u64> = finish(consumer_tasks)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
     let elapsed = start.elapsed();
     let _: u64 = admin.del(&key).await?;
     let (p50_us, p99_us) = percentiles(lat);
@@ -236,6 +324,7 @@ async fn through_raw_client(
         msgs_per_s: messages as f64 / elapsed.as_secs_f64(),
         p50_us,
         p99_us,
+        cpu: Cpu::default(),
     })
 }
 
@@ -251,8 +340,18 @@ async fn main() -> anyhow::Result<()> {
     );
     for (producers, consumers) in [(1, 1), (8, 8)] {
         let prefix = format!("abbench-{:08x}", fastrand::u32(..));
-        let raw = through_raw_client(&url, &prefix, producers, consumers, messages).await?;
-        let bus = through_agentbus(&url, &prefix, producers, consumers, messages).await?;
+        let raw = measured(
+            &url,
+            messages,
+            through_raw_client(&url, &prefix, producers, consumers, messages),
+        )
+        .await?;
+        let bus = measured(
+            &url,
+            messages,
+            through_agentbus(&url, &prefix, producers, consumers, messages),
+        )
+        .await?;
         println!(
             "{producers}:{consumers}  raw redis-rs {:>9.0} msg/s (p50 {:>8.0} µs, p99 {:>8.0} µs)   \
              agentbus {:>9.0} msg/s (p50 {:>8.0} µs, p99 {:>8.0} µs)   agentbus/raw throughput {:.2}",
@@ -263,6 +362,11 @@ async fn main() -> anyhow::Result<()> {
             bus.p50_us,
             bus.p99_us,
             bus.msgs_per_s / raw.msgs_per_s
+        );
+        println!(
+            "     CPU per message: raw server {:.1} µs + client {:.1} µs   agentbus server {:.1} µs \
+             + client {:.1} µs",
+            raw.cpu.server_us, raw.cpu.client_us, bus.cpu.server_us, bus.cpu.client_us
         );
     }
     Ok(())

@@ -1,9 +1,10 @@
 //! A subscription: the take loop, the blocking wait and settling.
 //!
-//! `next_batch` runs the `take` script (which hands out deliveries atomically, in
-//! priority order, within the prefetch) in a spawned task kept in the consumer, so a
-//! `next_batch` dropped halfway never loses what the script handed out: the next call
-//! picks the finished task up. When nothing is ready it waits with a non-consuming
+//! `next_batch` runs a take — the native `XREADGROUP` of `crate::fast` while the
+//! consumer is busy, the `take` script (which hands out deliveries atomically, in
+//! priority order, within the prefetch, with redeliveries) otherwise — in a spawned
+//! task kept in the consumer, so a `next_batch` dropped halfway never loses what the
+//! take handed out: the next call picks the finished task up. When nothing is ready it waits with a non-consuming
 //! `XREAD BLOCK` on the group's streams, on a connection of its own, for at most
 //! [`BLOCK_SLICE`] or until the next scheduled redelivery, then takes again.
 
@@ -26,6 +27,7 @@ use redis::{AsyncConnectionConfig, Value};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::fast::{run_native_take, NATIVE_MAX_CHANNELS};
 use crate::util::{arr, bytes, int, lua_ms, millis, text};
 use crate::{scripts, start_args, Shared};
 
@@ -47,11 +49,11 @@ struct InFlight {
 
 /// What one subscription shares with its deliveries: settles go through here.
 pub(crate) struct Sub {
-    shared: Arc<Shared>,
-    group: Arc<str>,
-    consumer: String,
-    ack_wait: Duration,
-    max_deliveries: u32,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) group: Arc<str>,
+    pub(crate) consumer: String,
+    pub(crate) ack_wait: Duration,
+    pub(crate) max_deliveries: u32,
     prefetch: usize,
     in_flight: Mutex<HashMap<u64, InFlight>>,
     next_token: AtomicU64,
@@ -75,7 +77,7 @@ fn already_settled(why: &str) -> Error {
 }
 
 impl Sub {
-    fn prefix(&self) -> &str {
+    pub(crate) fn prefix(&self) -> &str {
         self.shared.prefix()
     }
 
@@ -153,17 +155,11 @@ impl Settler for Sub {
         let attempt = entry.envelope.header.attempt;
         match settlement {
             Settlement::Ack => {
-                let mut inv = scripts::SETTLE.prepare_invoke();
-                inv.arg(self.prefix())
-                    .arg(&*self.group)
-                    .arg("ack")
-                    .arg(&entry.stream)
-                    .arg(&entry.id);
-                let done: Vec<i64> = inv
-                    .invoke_async(&mut self.shared.conn())
+                let done = self
+                    .ack_entries(&[(entry.stream.as_str(), entry.id.as_str())])
                     .await
                     .map_err(|e| self.shared.err("XACK", e))?;
-                if done.first() != Some(&1) {
+                if done.first() != Some(&true) {
                     return Err(already_settled(
                         "the group no longer holds it unsettled (acked elsewhere or dead-lettered)",
                     ));
@@ -239,17 +235,17 @@ impl Settler for Sub {
             }
             return results;
         }
-        // All acks: one script call for the whole batch.
+        // All acks: one pipeline for the whole batch.
         let entries: Vec<agentbus::Result<InFlight>> = batch
             .iter()
             .map(|(token, _)| self.take_in_flight(*token))
             .collect();
-        let mut inv = scripts::SETTLE.prepare_invoke();
-        inv.arg(self.prefix()).arg(&*self.group).arg("ack");
-        for entry in entries.iter().flatten() {
-            inv.arg(&entry.stream).arg(&entry.id);
-        }
-        let done: redis::RedisResult<Vec<i64>> = inv.invoke_async(&mut self.shared.conn()).await;
+        let pairs: Vec<(&str, &str)> = entries
+            .iter()
+            .flatten()
+            .map(|e| (e.stream.as_str(), e.id.as_str()))
+            .collect();
+        let done = self.ack_entries(&pairs).await;
         let mut done = match done {
             Ok(done) => done.into_iter(),
             Err(e) => {
@@ -265,7 +261,7 @@ impl Settler for Sub {
             .into_iter()
             .map(|entry| {
                 entry?;
-                if done.next() == Some(1) {
+                if done.next() == Some(true) {
                     Ok(())
                 } else {
                     Err(already_settled(
@@ -278,21 +274,129 @@ impl Settler for Sub {
 }
 
 /// One item handed out by the take script.
-struct Taken {
-    stream: String,
-    id: String,
-    count: u32,
-    sequence: u64,
-    envelope: Envelope,
+pub(crate) struct Taken {
+    pub(crate) stream: String,
+    pub(crate) id: String,
+    pub(crate) count: u32,
+    pub(crate) sequence: u64,
+    pub(crate) envelope: Envelope,
 }
 
 /// What one run of the take script produced, dead letters already written.
-struct TakeResult {
-    gone: bool,
-    chver: String,
-    next_due: Option<i64>,
-    deliver: Vec<Taken>,
-    last_ids: Vec<(String, String)>,
+pub(crate) struct TakeResult {
+    pub(crate) gone: bool,
+    pub(crate) chver: String,
+    pub(crate) next_due: Option<i64>,
+    pub(crate) deliver: Vec<Taken>,
+    /// The last entry id of every stream (script takes that found nothing): where a
+    /// non-consuming `XREAD BLOCK` waits from.
+    pub(crate) last_ids: Vec<(String, String)>,
+    /// A native take found work only the script does (due redeliveries, a group it
+    /// cannot read): take with the script next, without waiting.
+    pub(crate) script_needed: bool,
+}
+
+/// What the take script (or a native read) says to do with an entry now held by
+/// this consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ItemKind {
+    /// Hand it out.
+    Deliver,
+    /// Its deadline passed: dead-letter it `expired`.
+    Expired,
+    /// Its deliveries are used up: dead-letter it `max_deliveries`.
+    Maxed,
+}
+
+/// One stream entry as read from the server, before it becomes an envelope.
+pub(crate) struct Item<'a> {
+    pub(crate) stream: String,
+    pub(crate) id: String,
+    pub(crate) count: u32,
+    pub(crate) header: Option<&'a [u8]>,
+    pub(crate) sequence: u64,
+    pub(crate) payload: Bytes,
+    pub(crate) channel: String,
+}
+
+/// Turns an entry into a delivery (pushed on `deliver`) or writes its dead letter.
+pub(crate) async fn sort_item(
+    sub: &Sub,
+    kind: ItemKind,
+    item: Item<'_>,
+    deliver: &mut Vec<Taken>,
+) -> agentbus::Result<()> {
+    let Item {
+        stream,
+        id,
+        count,
+        header,
+        sequence,
+        payload,
+        channel,
+    } = item;
+    let header = header.map(serde_json::from_slice::<Header>);
+    let envelope = match (header, ChannelName::new(channel)) {
+        (Some(Ok(header)), Ok(channel)) => Envelope {
+            channel,
+            header,
+            payload,
+        },
+        other => {
+            // Not written by agentbus (or damaged): it cannot be delivered or
+            // dead-lettered as an envelope. Ack it away loudly.
+            tracing::error!(
+                stream = %stream, entry = %id,
+                "dropping a stream entry that is not an agentbus message: {:?}",
+                other.0.map(|r| r.err())
+            );
+            let _ = sub.ack_entries(&[(stream.as_str(), id.as_str())]).await;
+            return Ok(());
+        }
+    };
+    match kind {
+        ItemKind::Deliver => deliver.push(Taken {
+            stream,
+            id,
+            count,
+            sequence,
+            envelope,
+        }),
+        ItemKind::Expired => {
+            let attempts = count.saturating_sub(1);
+            let deadline = envelope
+                .header
+                .deadline
+                .map_or_else(String::new, |d| d.to_string());
+            let last = if attempts > 0 {
+                sub.recorded_error(&stream, &id).await
+            } else {
+                None
+            }
+            .or_else(|| Some(format!("deadline {deadline} passed before delivery")));
+            sub.dead_letter(&stream, &id, &envelope, DeadReason::Expired, attempts, last)
+                .await?;
+        }
+        ItemKind::Maxed => {
+            let attempts = count.saturating_sub(1);
+            let last = sub.recorded_error(&stream, &id).await.or_else(|| {
+                Some(format!(
+                    "ack_wait of {:?} expired without a settlement",
+                    sub.ack_wait
+                ))
+            });
+            sub.dead_letter(
+                &stream,
+                &id,
+                &envelope,
+                DeadReason::MaxDeliveries,
+                attempts,
+                last,
+            )
+            .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs the take script and dead-letters what it reports as expired or used up.
@@ -327,6 +431,7 @@ async fn run_take(
             next_due: None,
             deliver: Vec::new(),
             last_ids: Vec::new(),
+            script_needed: false,
         });
     }
     let chver = parts.get(1).map(text).unwrap_or_default();
@@ -341,79 +446,21 @@ async fn run_take(
         if fields.len() < 8 {
             continue;
         }
-        let kind = text(&fields[0]);
-        let stream = text(&fields[1]);
-        let id = text(&fields[2]);
-        let count = int(&fields[3]).max(0) as u32;
-        let sequence = int(&fields[5]).max(0) as u64;
-        let header = bytes(&fields[4]).map(serde_json::from_slice::<Header>);
-        let channel = ChannelName::new(text(&fields[7]));
-        let envelope = match (header, channel) {
-            (Some(Ok(header)), Ok(channel)) => Envelope {
-                channel,
-                header,
-                payload: Bytes::copy_from_slice(bytes(&fields[6]).unwrap_or_default()),
-            },
-            other => {
-                // Not written by agentbus (or damaged): it cannot be delivered or
-                // dead-lettered as an envelope. Ack it away loudly.
-                tracing::error!(
-                    stream = %stream, entry = %id,
-                    "dropping a stream entry that is not an agentbus message: {:?}",
-                    other.0.map(|r| r.err())
-                );
-                let mut inv = scripts::SETTLE.prepare_invoke();
-                inv.arg(sub.prefix())
-                    .arg(&*sub.group)
-                    .arg("ack")
-                    .arg(&stream)
-                    .arg(&id);
-                let _: redis::RedisResult<Value> = inv.invoke_async(&mut sub.shared.conn()).await;
-                continue;
-            }
+        let item = Item {
+            stream: text(&fields[1]),
+            id: text(&fields[2]),
+            count: int(&fields[3]).max(0) as u32,
+            header: bytes(&fields[4]),
+            sequence: int(&fields[5]).max(0) as u64,
+            payload: Bytes::copy_from_slice(bytes(&fields[6]).unwrap_or_default()),
+            channel: text(&fields[7]),
         };
-        match kind.as_str() {
-            "deliver" => deliver.push(Taken {
-                stream,
-                id,
-                count,
-                sequence,
-                envelope,
-            }),
-            "expired" => {
-                let attempts = count.saturating_sub(1);
-                let deadline = envelope
-                    .header
-                    .deadline
-                    .map_or_else(String::new, |d| d.to_string());
-                let last = if attempts > 0 {
-                    sub.recorded_error(&stream, &id).await
-                } else {
-                    None
-                }
-                .or_else(|| Some(format!("deadline {deadline} passed before delivery")));
-                sub.dead_letter(&stream, &id, &envelope, DeadReason::Expired, attempts, last)
-                    .await?;
-            }
-            _ => {
-                let attempts = count.saturating_sub(1);
-                let last = sub.recorded_error(&stream, &id).await.or_else(|| {
-                    Some(format!(
-                        "ack_wait of {:?} expired without a settlement",
-                        sub.ack_wait
-                    ))
-                });
-                sub.dead_letter(
-                    &stream,
-                    &id,
-                    &envelope,
-                    DeadReason::MaxDeliveries,
-                    attempts,
-                    last,
-                )
-                .await?;
-            }
-        }
+        let kind = match text(&fields[0]).as_str() {
+            "deliver" => ItemKind::Deliver,
+            "expired" => ItemKind::Expired,
+            _ => ItemKind::Maxed,
+        };
+        sort_item(&sub, kind, item, &mut deliver).await?;
     }
     let last = parts.get(4).map(arr).unwrap_or(&[]);
     let last_ids = last
@@ -429,6 +476,7 @@ async fn run_take(
         next_due,
         deliver,
         last_ids,
+        script_needed: false,
     })
 }
 
@@ -487,6 +535,23 @@ pub(crate) struct RedisConsumer {
     next_due: Option<i64>,
     /// When the take script last looked for deliveries whose ack wait expired.
     last_scan: Option<Instant>,
+    /// How the running (or last) take was made.
+    take_kind: TakeKind,
+    /// A native take found work for the script (due redeliveries, entries handed
+    /// back): the next take runs the script.
+    script_next: bool,
+}
+
+/// How a take is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TakeKind {
+    /// The `take` script: redeliveries, expiries, due parked entries, new entries.
+    Script,
+    /// A plain `XREADGROUP` of new entries (`crate::fast`). Never blocking: a read
+    /// that consumed entries while its `next_batch` was dropped would hold them,
+    /// unseen, until the next call (their ack wait and deadlines running); the idle
+    /// wait is a non-consuming `XREAD BLOCK` instead.
+    Native,
 }
 
 impl fmt::Debug for RedisConsumer {
@@ -572,6 +637,8 @@ impl RedisConsumer {
             last_ids: Vec::new(),
             next_due: None,
             last_scan: None,
+            take_kind: TakeKind::Script,
+            script_next: false,
         })
     }
 
@@ -599,37 +666,16 @@ impl RedisConsumer {
     /// Blocks until a stream of the group may have something, the next scheduled
     /// redelivery is due, or [`BLOCK_SLICE`] passed.
     async fn wait(&mut self) -> agentbus::Result<()> {
-        let mut slice = BLOCK_SLICE;
-        if let Some(due) = self.next_due {
-            let until = due - millis(Utc::now());
-            slice = slice.min(Duration::from_millis(until.max(1) as u64));
-        }
+        let slice = self.slice();
         if self.last_ids.is_empty() {
             tokio::time::sleep(slice).await;
             return Ok(());
         }
-        if self.waiter.is_none() {
-            let config = AsyncConnectionConfig::new()
-                .set_response_timeout(Some(BLOCK_SLICE + self.sub.shared.options.response_timeout))
-                .set_connection_timeout(Some(self.sub.shared.options.connection_timeout));
-            match self
-                .sub
-                .shared
-                .client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-            {
-                Ok(conn) => self.waiter = Some(conn),
-                Err(e) => {
-                    tracing::warn!("redis consumer cannot open its wait connection: {e}");
-                    tokio::time::sleep(slice).await;
-                    return Ok(());
-                }
-            }
-        }
-        let Some(conn) = self.waiter.as_mut() else {
+        let Some(mut conn) = self.waiter().await else {
+            tokio::time::sleep(slice).await;
             return Ok(());
         };
+        let conn = &mut conn;
         let mut cmd = redis::cmd("XREAD");
         cmd.arg("COUNT")
             .arg(1)
@@ -649,6 +695,40 @@ impl RedisConsumer {
             tokio::time::sleep(slice).await;
         }
         Ok(())
+    }
+
+    /// How long one wait may block: [`BLOCK_SLICE`], or less when a parked entry is
+    /// due sooner.
+    fn slice(&self) -> Duration {
+        let mut slice = BLOCK_SLICE;
+        if let Some(due) = self.next_due {
+            let until = due - millis(Utc::now());
+            slice = slice.min(Duration::from_millis(until.max(1) as u64));
+        }
+        slice
+    }
+
+    /// The consumer's own connection for native takes and the blocking wait (opened
+    /// on first use); `None` when it cannot be opened now.
+    async fn waiter(&mut self) -> Option<MultiplexedConnection> {
+        if self.waiter.is_none() {
+            let config = AsyncConnectionConfig::new()
+                .set_response_timeout(Some(BLOCK_SLICE + self.sub.shared.options.response_timeout))
+                .set_connection_timeout(Some(self.sub.shared.options.connection_timeout));
+            match self
+                .sub
+                .shared
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            {
+                Ok(conn) => self.waiter = Some(conn),
+                Err(e) => {
+                    tracing::warn!("redis consumer cannot open its wait connection: {e}");
+                }
+            }
+        }
+        self.waiter.clone()
     }
 
     fn room(&self, max: usize) -> usize {
@@ -684,24 +764,59 @@ impl Consumer for RedisConsumer {
                 // times per ack wait, not on every take of a busy consumer.
                 let interval = (self.sub.ack_wait / 4).clamp(SCAN_MIN, SCAN_MAX);
                 let scan = self.last_scan.is_none_or(|at| at.elapsed() >= interval);
-                if scan {
-                    self.last_scan = Some(Instant::now());
-                }
                 let sub = self.sub.clone();
                 let channels = self.channels.clone();
-                self.take = Some(tokio::spawn(run_take(sub, channels, room, scan)));
+                let native = !scan
+                    && !self.script_next
+                    && !channels.is_empty()
+                    && channels.len() <= NATIVE_MAX_CHANNELS;
+                if native {
+                    // Reads go over the consumer's own connection (as a raw client's
+                    // consumer would), so they never queue behind other traffic.
+                    let own = self.waiter().await;
+                    self.take_kind = TakeKind::Native;
+                    self.take = Some(tokio::spawn(async move {
+                        match own {
+                            Some(mut conn) => {
+                                run_native_take(&sub, &mut conn, &channels, room).await
+                            }
+                            None => {
+                                let mut conn = sub.shared.conn();
+                                run_native_take(&sub, &mut conn, &channels, room).await
+                            }
+                        }
+                    }));
+                } else {
+                    if scan {
+                        self.last_scan = Some(Instant::now());
+                    }
+                    self.script_next = false;
+                    self.take_kind = TakeKind::Script;
+                    self.take = Some(tokio::spawn(run_take(sub, channels, room, scan)));
+                }
             }
             let Some(handle) = self.take.as_mut() else {
                 continue;
             };
             let joined = handle.await;
             self.take = None;
+            let kind = self.take_kind;
             let result = joined.map_err(|e| {
                 Error::new(
                     ErrorKind::Internal,
                     format!("the redis take task failed: {e}"),
                 )
-            })??;
+            })?;
+            let result = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    if kind != TakeKind::Script {
+                        // The own connection may be broken: open a new one next time.
+                        self.waiter = None;
+                    }
+                    return Err(e);
+                }
+            };
             if result.gone {
                 return Err(Error::new(
                     ErrorKind::Closed,
@@ -714,6 +829,7 @@ impl Consumer for RedisConsumer {
             }
             let channels_changed = self.chver.as_deref() != Some(result.chver.as_str());
             self.next_due = result.next_due;
+            self.script_next |= result.script_needed;
             if !result.deliver.is_empty() {
                 let settler: Arc<dyn Settler> = self.sub.clone();
                 let mut out = Vec::with_capacity(result.deliver.len());
@@ -749,9 +865,21 @@ impl Consumer for RedisConsumer {
                 self.refresh_channels().await?;
                 continue;
             }
+            if result.script_needed {
+                continue;
+            }
+            if kind == TakeKind::Native {
+                // Nothing new: before waiting, a script take looks for expired
+                // deliveries and due redeliveries, and returns where to wait from.
+                self.last_scan = None;
+                continue;
+            }
             self.last_ids = result.last_ids;
-            // Idle: the next take looks for expired deliveries whatever the interval.
-            self.last_scan = None;
+            if self.channels.is_empty() || self.channels.len() > NATIVE_MAX_CHANNELS {
+                // Idle: the next (script) take looks for expired deliveries whatever
+                // the interval. (A consumer on the fast path has just done so.)
+                self.last_scan = None;
+            }
             let shared = self.sub.shared.clone();
             tokio::select! {
                 r = self.wait() => r?,

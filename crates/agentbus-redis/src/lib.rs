@@ -26,6 +26,7 @@
 //! ```
 
 mod consumer;
+mod fast;
 mod scripts;
 mod util;
 
@@ -484,20 +485,65 @@ impl RedisTransport {
         Ok(out)
     }
 
+    /// Finds one dead letter by id without decoding the others: first in the two
+    /// minutes of the dead-letter stream around the time in the id (a UUIDv7 starts
+    /// with its creation time in ms, and the letter is written right after), then, for
+    /// a letter written by a process whose clock was off, through the whole stream in
+    /// pages. Only the entry whose `i` field matches is decoded.
     async fn find_dead(&self, id: MessageId) -> agentbus::Result<(String, DeadLetter)> {
-        self.dead_entries()
-            .await?
-            .into_iter()
-            .find(|(_, l)| l.id == id)
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!(
-                        "there is no dead letter with id {id}; `agentbus dlq list` shows the ids"
-                    ),
-                )
-                .with_context("dead_letter", id)
-            })
+        let wanted = id.to_string();
+        let key = format!("{}:dlq", self.prefix());
+        let mut conn = self.shared.conn();
+        let mut ranges: Vec<(String, String)> = Vec::new();
+        if let Some(ms) = uuid_v7_millis(&wanted) {
+            const AROUND: u64 = 60_000;
+            ranges.push((
+                ms.saturating_sub(AROUND).to_string(),
+                ms.saturating_add(AROUND).to_string(),
+            ));
+        }
+        ranges.push(("-".into(), "+".into()));
+        const PAGE: usize = 1000;
+        for (start, end) in ranges {
+            let mut from = start;
+            loop {
+                let raw: Value = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg(&from)
+                    .arg(&end)
+                    .arg("COUNT")
+                    .arg(PAGE)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.shared.err("XRANGE dead letters", e))?;
+                let entries = arr(&raw);
+                for entry in entries {
+                    let parts = arr(entry);
+                    let (Some(entry_id), Some(fields)) = (parts.first(), parts.get(1)) else {
+                        continue;
+                    };
+                    let fields = value_map(fields);
+                    if fields.get("i").map(Vec::as_slice) != Some(wanted.as_bytes()) {
+                        continue;
+                    }
+                    if let Some(letter) = fields
+                        .get("j")
+                        .and_then(|j| serde_json::from_slice::<DeadLetter>(j).ok())
+                    {
+                        return Ok((text(entry_id), letter));
+                    }
+                }
+                match entries.last().map(|e| arr(e).first().map(text)) {
+                    Some(Some(last)) if entries.len() == PAGE => from = format!("({last}"),
+                    _ => break,
+                }
+            }
+        }
+        Err(Error::new(
+            ErrorKind::NotFound,
+            format!("there is no dead letter with id {id}; `agentbus dlq list` shows the ids"),
+        )
+        .with_context("dead_letter", id))
     }
 
     async fn server_facts(&self) -> BTreeMap<String, String> {
@@ -623,6 +669,17 @@ fn receipt(
             format!("the publish script answered {reply:?}; this is a bug in agentbus-redis"),
         )),
     }
+}
+
+/// The creation time (ms since the epoch) in the first 48 bits of a UUIDv7 written
+/// as text; `None` for anything else.
+fn uuid_v7_millis(id: &str) -> Option<u64> {
+    let hex: String = id.chars().filter(|c| *c != '-').take(12).collect();
+    let version = id.chars().filter(|c| *c != '-').nth(12)?;
+    if hex.len() != 12 || version != '7' {
+        return None;
+    }
+    u64::from_str_radix(&hex, 16).ok()
 }
 
 fn glob_escape(s: &str) -> String {
@@ -1063,6 +1120,20 @@ mod tests {
             )
         );
         assert_eq!(split_prefix("redis://h"), ("redis://h".to_string(), None));
+    }
+
+    #[test]
+    fn uuid_v7_ids_carry_their_time() {
+        let before = Utc::now().timestamp_millis() as u64;
+        let id = MessageId::new().to_string();
+        let after = Utc::now().timestamp_millis() as u64;
+        let ms = uuid_v7_millis(&id).expect("a v7 id");
+        assert!(
+            (before..=after).contains(&ms),
+            "{ms} not in {before}..={after}"
+        );
+        assert_eq!(uuid_v7_millis("not-an-id"), None);
+        assert_eq!(uuid_v7_millis("67e55044-10b1-426f-9247-bb680e5fe0c8"), None);
     }
 
     #[test]

@@ -62,7 +62,9 @@ local function state(ch)
     count = tonumber(cfg[6] or '0'), bytes = tonumber(cfg[7] or '0'), seq = tonumber(cfg[8] or '0'),
     dropped = 0,
     ngroups = redis.call('SCARD', cgkey(ch)),
+    keys = {['0'] = skey(ch, 0), ['1'] = skey(ch, 1), ['2'] = skey(ch, 2), ['3'] = skey(ch, 3)},
   }
+  st.dedup_on = st.dedup ~= nil and st.dedup > 0
   states[ch] = st
   touched[#touched + 1] = ch
   -- Age limit: entries stored before now - max_age go, counted as dropped if unread.
@@ -82,75 +84,86 @@ local function state(ch)
   return st
 end
 
-local function publish_one(ch, lane, hdr, id, size, dl, nb, payload)
-  local st = state(ch)
-  local ddk = P .. ':dd:' .. id
-  if st.dedup ~= nil and st.dedup > 0 then
+-- Makes room for one more entry of `size` bytes: trims what every group settled,
+-- then applies the discard policy. Returns a reply for a refused publish, else nil.
+local function make_room(st, ch, size)
+  local function over()
+    return (st.max_msgs ~= nil and st.count + 1 > st.max_msgs) or
+      (st.max_bytes ~= nil and st.bytes + size > st.max_bytes)
+  end
+  -- First what every group has settled (nothing when no group reads the channel).
+  local floors_by_lane = {}
+  for l = 0, 3 do
+    local sk = skey(ch, l)
+    local floors = group_floors(sk)
+    floors_by_lane[l] = floors
+    if floors then
+      local done = false
+      while not done do
+        local batch = redis.call('XRANGE', sk, '-', '+', 'COUNT', 100)
+        if #batch == 0 then break end
+        for _, e in ipairs(batch) do
+          if settled(floors, e[1]) then remove(st, sk, e[1], e[2], floors) else done = true break end
+        end
+      end
+    end
+  end
+  while over() do
+    if st.discard == 'drop_oldest' then
+      local best = nil
+      for l = 0, 3 do
+        local first = redis.call('XRANGE', skey(ch, l), '-', '+', 'COUNT', 1)
+        if #first > 0 then
+          local q = tonumber(entry_field(first[1][2], 'q'))
+          if best == nil or q < best.q then best = {q = q, lane = l, e = first[1]} end
+        end
+      end
+      if best == nil then break end
+      remove(st, skey(ch, best.lane), best.e[1], best.e[2], floors_by_lane[best.lane])
+    else
+      redis.call('HINCRBY', P .. ':n', 'rejected_full', 1)
+      return {-1, st.count, st.bytes, st.raw_max_msgs, st.raw_max_bytes}
+    end
+  end
+  return nil
+end
+
+-- The common case (no duplicate, room left) costs one XADD (and one SET with dedup):
+-- everything else is computed once per channel per call.
+local function publish_one(ch, lane, hdr, id, zs, dl, nb, payload)
+  local size = tonumber(zs)
+  local st = states[ch] or state(ch)
+  local ddk
+  if st.dedup_on then
+    ddk = P .. ':dd:' .. id
     local seen = redis.call('GET', ddk)
     if seen then
       local sep = string.find(seen, ':', 1, true)
       return {1, tonumber(string.sub(seen, 1, sep - 1)), tonumber(string.sub(seen, sep + 1))}
     end
   end
-
-  local function over()
-    return (st.max_msgs ~= nil and st.count + 1 > st.max_msgs) or
-      (st.max_bytes ~= nil and st.bytes + size > st.max_bytes)
-  end
-
-  if over() then
-    -- First what every group has settled (nothing when no group reads the channel).
-    local floors_by_lane = {}
-    for l = 0, 3 do
-      local sk = skey(ch, l)
-      local floors = group_floors(sk)
-      floors_by_lane[l] = floors
-      if floors then
-        local done = false
-        while not done do
-          local batch = redis.call('XRANGE', sk, '-', '+', 'COUNT', 100)
-          if #batch == 0 then break end
-          for _, e in ipairs(batch) do
-            if settled(floors, e[1]) then remove(st, sk, e[1], e[2], floors) else done = true break end
-          end
-        end
-      end
-    end
-    while over() do
-      if st.discard == 'drop_oldest' then
-        local best = nil
-        for l = 0, 3 do
-          local first = redis.call('XRANGE', skey(ch, l), '-', '+', 'COUNT', 1)
-          if #first > 0 then
-            local q = tonumber(entry_field(first[1][2], 'q'))
-            if best == nil or q < best.q then best = {q = q, lane = l, e = first[1]} end
-          end
-        end
-        if best == nil then break end
-        remove(st, skey(ch, best.lane), best.e[1], best.e[2], floors_by_lane[best.lane])
-      else
-        redis.call('HINCRBY', P .. ':n', 'rejected_full', 1)
-        return {-1, st.count, st.bytes, st.raw_max_msgs, st.raw_max_bytes}
-      end
-    end
+  if (st.max_msgs ~= nil and st.count + 1 > st.max_msgs) or
+      (st.max_bytes ~= nil and st.bytes + size > st.max_bytes) then
+    local refused = make_room(st, ch, size)
+    if refused then return refused end
   end
 
   -- `published` is `seq`: duplicates and refused publishes take no sequence.
-  st.seq = st.seq + 1
+  local seq = st.seq + 1
+  st.seq = seq
   st.count = st.count + 1
   st.bytes = st.bytes + size
-  local seq = st.seq
-  local sk = skey(ch, lane)
-  if dl ~= '' and nb ~= '' then
-    redis.call('XADD', sk, '*', 'h', hdr, 'p', payload, 'q', seq, 'z', size, 'd', dl, 'n', nb)
-  elseif dl ~= '' then
-    redis.call('XADD', sk, '*', 'h', hdr, 'p', payload, 'q', seq, 'z', size, 'd', dl)
-  elseif nb ~= '' then
-    redis.call('XADD', sk, '*', 'h', hdr, 'p', payload, 'q', seq, 'z', size, 'n', nb)
+  local sk = st.keys[lane] or skey(ch, lane)
+  if dl == '' and nb == '' then
+    redis.call('XADD', sk, '*', 'h', hdr, 'p', payload, 'q', seq, 'z', zs)
+  elseif nb == '' then
+    redis.call('XADD', sk, '*', 'h', hdr, 'p', payload, 'q', seq, 'z', zs, 'd', dl)
+  elseif dl == '' then
+    redis.call('XADD', sk, '*', 'h', hdr, 'p', payload, 'q', seq, 'z', zs, 'n', nb)
   else
-    redis.call('XADD', sk, '*', 'h', hdr, 'p', payload, 'q', seq, 'z', size)
+    redis.call('XADD', sk, '*', 'h', hdr, 'p', payload, 'q', seq, 'z', zs, 'd', dl, 'n', nb)
   end
-  if st.dedup ~= nil and st.dedup > 0 then
+  if ddk then
     redis.call('SET', ddk, seq .. ':' .. st.ngroups, 'PX', st.dedup)
   end
   return {0, seq, st.ngroups}
@@ -159,7 +172,7 @@ end
 local replies = {}
 for i = 3, #ARGV, 8 do
   replies[#replies + 1] = publish_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
-    tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6], ARGV[i + 7])
+    ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7])
 end
 for _, ch in ipairs(touched) do
   local st = states[ch]

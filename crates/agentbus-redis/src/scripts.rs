@@ -17,7 +17,7 @@ pub(crate) static PUBLISH: LazyLock<Script> = LazyLock::new(|| script(include_st
 pub(crate) static JOIN: LazyLock<Script> = LazyLock::new(|| script(include_str!("join.lua")));
 /// Hands out deliveries in priority order; redeliveries, delays, expiries.
 pub(crate) static TAKE: LazyLock<Script> = LazyLock::new(|| script(include_str!("take.lua")));
-/// Ack, nack (park with a due time) and dead-lettering.
+/// Nack (park with a due time) and dead-lettering (acks are native, `fast.rs`).
 pub(crate) static SETTLE: LazyLock<Script> = LazyLock::new(|| script(include_str!("settle.lua")));
 /// Leave, delete a group, configure channels, read a recorded error.
 pub(crate) static ADMIN: LazyLock<Script> = LazyLock::new(|| script(include_str!("admin.lua")));

@@ -1,31 +1,9 @@
--- settle: ARGV = prefix, group, op (ack|nack|dead), then per op:
---   ack:  stream, id, stream, id, ...            -> one 0/1 per pair
+-- settle: ARGV = prefix, group, op (nack|dead), then per op:
+-- (acks are plain pipelined XACKs, see fast.rs)
 --   nack: stream, id, due_ms, error|''            -> 1, or 0 when no longer pending
 --   dead: stream, id, dead-letter id, channel, reason, json, expired(0|1) -> 1 or 0
 local g, op = ARGV[2], ARGV[3]
 local gk, sched, ek = gkey(g), schedkey(g), errkey(g)
-if op == 'ack' then
-  local res = {}
-  local acked = 0
-  -- Parked entries and recorded errors are rare: skip their clean-up when there are none.
-  local tidy = redis.call('EXISTS', sched, ek) > 0
-  for i = 4, #ARGV, 2 do
-    local sk, id = ARGV[i], ARGV[i + 1]
-    local n = redis.pcall('XACK', sk, g, id)
-    if type(n) ~= 'number' then n = 0 end
-    if n > 0 then
-      acked = acked + 1
-      if tidy then
-        local member = sk .. '|' .. id
-        redis.call('ZREM', sched, member)
-        redis.call('HDEL', ek, member)
-      end
-    end
-    res[#res + 1] = n
-  end
-  if acked > 0 and redis.call('EXISTS', gk) == 1 then redis.call('HINCRBY', gk, 'acked', acked) end
-  return res
-end
 local sk, id = ARGV[4], ARGV[5]
 local member = sk .. '|' .. id
 local ok, p = pcall(redis.call, 'XPENDING', sk, g, id, id, 1)

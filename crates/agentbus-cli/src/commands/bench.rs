@@ -2,7 +2,8 @@
 //!
 //! Runs the workloads of the `agentbus-bench` crate: publish → deliver → ack with 1:1
 //! and 4:4 producers and consumers, and the request/reply round trip. Backends whose
-//! raw client can run the same workload print it beside ours (later issues).
+//! raw client can run the same workload print it beside ours (later issues). On Redis
+//! everything runs under a scratch key prefix that is deleted at the end.
 
 use clap::Args;
 
@@ -67,10 +68,52 @@ pub(crate) async fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> 
             crate::CliError::usage("--messages, --batch and --backlog must be at least 1").into(),
         );
     }
+    // On Redis the runs work under a scratch key prefix, deleted afterwards (also when
+    // a run fails), so a benchmark leaves no streams, groups or dedup keys in the bus.
+    let scratch = redis_scratch(&global.backend, std::process::id());
+    let backend = scratch.clone().unwrap_or_else(|| global.backend.clone());
+    let result = run_all(global, &args, shapes, &backend).await;
+    if let Some(url) = scratch {
+        // Dropped subscriptions hand their deliveries back in tasks of their own:
+        // let them finish before the keys go.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let redis =
+            agentbus_redis::RedisTransport::connect(&url, agentbus_redis::RedisOptions::default())
+                .await?;
+        redis.delete_everything().await?;
+    }
+    result
+}
+
+/// For a `redis://` / `rediss://` backend: the same URL with a scratch prefix
+/// (`<prefix>-bench-<pid>`, the prefix being the URL's or the default `agentbus`).
+fn redis_scratch(backend: &str, pid: u32) -> Option<String> {
+    if !(backend.starts_with("redis://") || backend.starts_with("rediss://")) {
+        return None;
+    }
+    let (base, query) = backend.split_once('?').unwrap_or((backend, ""));
+    let mut prefix = agentbus_redis::RedisOptions::default().prefix;
+    let mut pairs: Vec<String> = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.strip_prefix("prefix=") {
+            Some(p) => prefix = p.to_string(),
+            None => pairs.push(pair.to_string()),
+        }
+    }
+    pairs.push(format!("prefix={prefix}-bench-{pid}"));
+    Some(format!("{base}?{}", pairs.join("&")))
+}
+
+async fn run_all(
+    global: &Global,
+    args: &BenchArgs,
+    shapes: Vec<(usize, usize)>,
+    backend: &str,
+) -> anyhow::Result<()> {
     let mut reports = Vec::new();
     for (producers, consumers) in shapes {
         // A fresh engine per run, so one run's leftovers never slow the next.
-        let transport = crate::backend::open(&global.backend).await?;
+        let transport = crate::backend::open(backend).await?;
         let spec = agentbus_bench::PipelineSpec {
             producers,
             consumers,
@@ -86,14 +129,14 @@ pub(crate) async fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> 
         reports.push(report);
     }
     if args.round_trips > 0 {
-        let transport = crate::backend::open(&global.backend).await?;
+        let transport = crate::backend::open(backend).await?;
         let mut report = agentbus_bench::request_reply(transport, args.round_trips, 64).await?;
         report.name.push_str(" (multi-thread)");
         if !global.json {
             crate::output::line(report.line())?;
         }
         reports.push(report);
-        let report = round_trips_on_one_thread(global.backend.clone(), args.round_trips).await?;
+        let report = round_trips_on_one_thread(backend.to_string(), args.round_trips).await?;
         if !global.json {
             crate::output::line(report.line())?;
         }
@@ -129,6 +172,24 @@ async fn round_trips_on_one_thread(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_benchmarks_run_under_a_scratch_prefix() {
+        assert_eq!(
+            redis_scratch("redis://h:6379", 7).as_deref(),
+            Some("redis://h:6379?prefix=agentbus-bench-7")
+        );
+        assert_eq!(
+            redis_scratch("redis://h:6379/0?prefix=bus1&protocol=resp3", 7).as_deref(),
+            Some("redis://h:6379/0?protocol=resp3&prefix=bus1-bench-7")
+        );
+        assert_eq!(
+            redis_scratch("rediss://h?prefix=x", 1).as_deref(),
+            Some("rediss://h?prefix=x-bench-1")
+        );
+        assert_eq!(redis_scratch("memory", 7), None);
+        assert_eq!(redis_scratch("nats://h:4222", 7), None);
+    }
 
     #[test]
     fn shapes_parse_and_bad_ones_are_usage_errors() {

@@ -1,0 +1,405 @@
+//! The native fast paths: taking new entries with a plain `XREADGROUP` and acking
+//! with plain `XACK`s, pipelined, instead of the `take` and `settle` scripts.
+//!
+//! Why: a script call copies every entry into Lua and back; on a busy channel that
+//! cost several times the server time of the commands themselves (`docs/REDIS.md`,
+//! "The fast path"). The scripts stay for everything that needs atomic decisions over
+//! several keys — redeliveries, ack-wait expiry, delayed entries becoming due, dead
+//! letters — and a native take hands over to the script whenever it sees such work.
+
+use bytes::Bytes;
+use chrono::Utc;
+use redis::aio::ConnectionLike;
+use redis::Value;
+
+use crate::consumer::{sort_item, Item, ItemKind, Sub, TakeResult};
+use crate::util::{arr, int, millis, text};
+
+/// Adds to a group counter only while the group exists (a plain `HINCRBY` would
+/// recreate the hash of a group deleted meanwhile). Tiny, so `EVAL` by body is cheap
+/// and survives a server restart that emptied the script cache.
+const COUNT: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then \
+     return redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2]) end return 0";
+
+/// The most channels a native take reads at once: one `XREADGROUP` reads up to `room`
+/// entries from each of the four lanes of each channel and hands the surplus back,
+/// which only pays off for a few streams. Wider subscriptions take with the script.
+pub(crate) const NATIVE_MAX_CHANNELS: usize = 4;
+
+/// Queues `HINCRBY <group> <field> <n>` (only while the group exists) on `pipe`.
+pub(crate) fn count_cmd(pipe: &mut redis::Pipeline, sub: &Sub, field: &str, n: i64) {
+    pipe.cmd("EVAL")
+        .arg(COUNT)
+        .arg(1)
+        .arg(format!("{}:g:{}", sub.prefix(), sub.group))
+        .arg(field)
+        .arg(n);
+}
+
+/// Whether a pipeline reply is a server error (e.g. `NOGROUP`).
+fn is_error(v: &Value) -> bool {
+    matches!(v, Value::ServerError(_))
+}
+
+impl Sub {
+    /// Acks entries with one pipelined `XACK` each (its reply says whether the entry
+    /// was still pending), removes parked copies and recorded errors, and counts the
+    /// acks. True per entry that was acked.
+    ///
+    /// No script is needed: `XACK` of an entry that is no longer pending does nothing,
+    /// and a parked copy of an acked entry is harmless until removed (the take script
+    /// drops members whose entry is no longer pending).
+    pub(crate) async fn ack_entries(
+        &self,
+        entries: &[(&str, &str)],
+    ) -> redis::RedisResult<Vec<bool>> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let p = self.prefix();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for (stream, id) in entries {
+            pipe.cmd("XACK").arg(*stream).arg(&*self.group).arg(*id);
+        }
+        let members: Vec<String> = entries.iter().map(|(s, id)| format!("{s}|{id}")).collect();
+        pipe.cmd("ZREM")
+            .arg(format!("{p}:gs:{}", self.group))
+            .arg(&members);
+        pipe.cmd("HDEL")
+            .arg(format!("{p}:ge:{}", self.group))
+            .arg(&members);
+        count_cmd(&mut pipe, self, "acked", entries.len() as i64);
+        let replies: Vec<Value> = pipe.query_async(&mut self.shared.conn()).await?;
+        let done: Vec<bool> = replies
+            .iter()
+            .take(entries.len())
+            .map(|v| !is_error(v) && int(v) == 1)
+            .collect();
+        let missed = done.iter().filter(|d| !**d).count() as i64;
+        if missed > 0 {
+            // The counter assumed every ack lands; take back the ones that did not.
+            let mut fix = redis::pipe();
+            count_cmd(&mut fix, self, "acked", -missed);
+            let _: redis::RedisResult<Value> = fix.query_async(&mut self.shared.conn()).await;
+        }
+        Ok(done)
+    }
+}
+
+/// One entry of a native read, with the lane order it was read in.
+struct Read {
+    stream: String,
+    id: String,
+    fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Read {
+    fn take_field(&mut self, name: &[u8]) -> Option<Vec<u8>> {
+        let at = self.fields.iter().position(|(k, _)| k.as_slice() == name)?;
+        Some(std::mem::take(&mut self.fields[at].1))
+    }
+
+    fn field(&self, name: &[u8]) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k.as_slice() == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    fn number(&self, name: &[u8]) -> Option<i64> {
+        std::str::from_utf8(self.field(name)?).ok()?.parse().ok()
+    }
+}
+
+/// The streams of `channels`, highest priority lane first, channels in the given
+/// (sorted) order within a lane: the order the take script serves them in.
+pub(crate) fn lane_streams(prefix: &str, channels: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(channels.len() * 4);
+    for lane in (0..4).rev() {
+        for ch in channels {
+            out.push(format!("{prefix}:s:{ch}:{lane}"));
+        }
+    }
+    out
+}
+
+/// The channel of a lane stream key `<prefix>:s:<channel>:<lane>`.
+fn channel_of(prefix: &str, stream: &str) -> String {
+    stream
+        .get(prefix.len() + 3..stream.len().saturating_sub(2))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Takes the bytes out of a string reply (no copy).
+fn into_bytes(v: Value) -> Vec<u8> {
+    match v {
+        Value::BulkString(b) => b,
+        Value::SimpleString(s) => s.into_bytes(),
+        Value::Int(n) => n.to_string().into_bytes(),
+        _ => Vec::new(),
+    }
+}
+
+/// The elements of an array reply, taken out of it.
+fn into_items(v: Value) -> Vec<Value> {
+    match v {
+        Value::Array(items) | Value::Set(items) => items,
+        _ => Vec::new(),
+    }
+}
+
+/// Parses an `XREADGROUP` reply (RESP2 array or RESP3 map) into entries, ordered as
+/// `streams` (the reply's own stream order is not guaranteed). Moves the bytes out of
+/// the reply instead of copying them.
+fn parse_read(reply: Value, streams: &[String]) -> Vec<Read> {
+    let mut per_stream: Vec<(usize, Vec<Read>)> = Vec::new();
+    let mut add = |name: Value, entries: Value| {
+        let name = text(&name);
+        let rank = streams
+            .iter()
+            .position(|s| *s == name)
+            .unwrap_or(usize::MAX);
+        let mut reads = Vec::new();
+        for entry in into_items(entries) {
+            let mut parts = into_items(entry).into_iter();
+            let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let mut fields_out = Vec::new();
+            let mut flat = into_items(fields).into_iter();
+            while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
+                fields_out.push((into_bytes(k), into_bytes(v)));
+            }
+            reads.push(Read {
+                stream: name.clone(),
+                id: text(&id),
+                fields: fields_out,
+            });
+        }
+        per_stream.push((rank, reads));
+    };
+    match reply {
+        Value::Map(pairs) => {
+            for (k, v) in pairs {
+                add(k, v);
+            }
+        }
+        other => {
+            for s in into_items(other) {
+                let mut parts = into_items(s).into_iter();
+                if let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+                    add(k, v);
+                }
+            }
+        }
+    }
+    per_stream.sort_by_key(|(rank, _)| *rank);
+    per_stream.into_iter().flat_map(|(_, r)| r).collect()
+}
+
+/// Hands entries this consumer read back to the group, due at `due` (ms), with their
+/// delivery count reset (they were never delivered): the take script claims them
+/// when due, as it does delayed entries. `due` is a score per entry, so entries of one
+/// lane keep their stream order.
+fn park_cmds(pipe: &mut redis::Pipeline, sub: &Sub, parked: &[(&Read, f64)]) {
+    let sched = format!("{}:gs:{}", sub.prefix(), sub.group);
+    for (read, due) in parked {
+        pipe.cmd("XCLAIM")
+            .arg(&read.stream)
+            .arg(&*sub.group)
+            .arg("_parked")
+            .arg(0)
+            .arg(&read.id)
+            .arg("JUSTID")
+            .arg("RETRYCOUNT")
+            .arg(0);
+        pipe.cmd("ZADD")
+            .arg(&sched)
+            .arg(*due)
+            .arg(format!("{}|{}", read.stream, read.id));
+    }
+}
+
+/// Takes up to `room` new entries with one (non-blocking) `XREADGROUP` over the lanes
+/// of `channels`, pipelined with what decides whether the script must run instead: the group's
+/// existence, the channel registry version and the earliest parked entry.
+///
+/// Rules kept here as in the script: entries past their deadline are dead-lettered
+/// `expired`, entries not yet due (`not_before`) are parked until due, higher lanes
+/// go first and the surplus of the read (several lanes had entries) is handed back in
+/// stream order. When a parked entry is already due, everything read is handed back
+/// and `script_needed` is set: redeliveries go before new entries of their lane.
+pub(crate) async fn run_native_take<C: ConnectionLike + Send>(
+    sub: &Sub,
+    conn: &mut C,
+    channels: &[String],
+    room: usize,
+) -> agentbus::Result<TakeResult> {
+    let p = sub.prefix();
+    let streams = lane_streams(p, channels);
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    pipe.cmd("GET").arg(format!("{p}:chver"));
+    pipe.cmd("EXISTS").arg(format!("{p}:g:{}", sub.group));
+    pipe.cmd("ZRANGE")
+        .arg(format!("{p}:gs:{}", sub.group))
+        .arg(0)
+        .arg(0)
+        .arg("WITHSCORES");
+    let read = pipe
+        .cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(&*sub.group)
+        .arg(&sub.consumer)
+        .arg("COUNT")
+        .arg(room);
+    read.arg("STREAMS").arg(&streams);
+    for _ in &streams {
+        read.arg(">");
+    }
+    let mut replies: Vec<Value> = pipe
+        .query_async(conn)
+        .await
+        .map_err(|e| sub.shared.err("take (XREADGROUP)", e))?;
+    let get = |i: usize| replies.get(i).unwrap_or(&Value::Nil);
+    let mut result = TakeResult {
+        gone: false,
+        chver: text(get(0)),
+        next_due: None,
+        deliver: Vec::new(),
+        last_ids: Vec::new(),
+        script_needed: false,
+    };
+    if result.chver.is_empty() {
+        result.chver = "0".into();
+    }
+    if int(get(1)) == 0 {
+        result.gone = true;
+        return Ok(result);
+    }
+    let earliest = arr(get(2)).get(1).and_then(|s| text(s).parse::<f64>().ok());
+    result.next_due = earliest.map(|f| f as i64);
+    let due_now = earliest.is_some_and(|e| e <= millis(Utc::now()) as f64);
+    if is_error(get(3)) {
+        // A stream without the group (it is being created or deleted): the script
+        // sorts it out and reports a deleted group.
+        result.script_needed = true;
+        return Ok(result);
+    }
+    let read = replies
+        .get_mut(3)
+        .map_or(Value::Nil, |v| std::mem::replace(v, Value::Nil));
+    let reads = parse_read(read, &streams);
+    // Deadlines and delays are judged at the time the entries arrived.
+    let now = millis(Utc::now());
+    if reads.is_empty() {
+        result.script_needed = due_now;
+        return Ok(result);
+    }
+
+    // What to do with each entry, in lane order: hand it out, dead-letter it, or park
+    // it until a due time.
+    let mut room = if due_now { 0 } else { room };
+    let mut park: Vec<(&Read, f64)> = Vec::new();
+    let mut kinds: Vec<Option<ItemKind>> = Vec::with_capacity(reads.len());
+    // Handed-back entries are due a moment ago, in read order, so the script serves
+    // them (after redeliveries already due) before anything newer of their lane.
+    let step = 1.0 / 4096.0;
+    let mut back = 0u32;
+    let mut delivered = 0usize;
+    for r in &reads {
+        let deadline = r.number(b"d");
+        let not_before = r.number(b"n");
+        if deadline.is_some_and(|d| d <= now) {
+            kinds.push(Some(ItemKind::Expired));
+        } else if let Some(nb) = not_before.filter(|nb| *nb > now) {
+            park.push((r, nb as f64));
+            kinds.push(None);
+        } else if room > 0 {
+            room -= 1;
+            delivered += 1;
+            kinds.push(Some(ItemKind::Deliver));
+        } else {
+            park.push((r, (now - 1) as f64 + f64::from(back.min(4095)) * step));
+            back += 1;
+            kinds.push(None);
+        }
+    }
+    result.script_needed = back > 0;
+    if !park.is_empty() || delivered > 0 {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        park_cmds(&mut pipe, sub, &park);
+        if delivered > 0 {
+            count_cmd(&mut pipe, sub, "delivered", delivered as i64);
+        }
+        let _: Vec<Value> = pipe
+            .query_async(&mut sub.shared.conn())
+            .await
+            .map_err(|e| sub.shared.err("take (park)", e))?;
+    }
+    for (mut r, kind) in reads.into_iter().zip(kinds) {
+        let Some(kind) = kind else { continue };
+        let header = r.take_field(b"h");
+        let payload = r.take_field(b"p").unwrap_or_default();
+        let item = Item {
+            count: 1,
+            header: header.as_deref(),
+            sequence: r.number(b"q").unwrap_or(0).max(0) as u64,
+            payload: Bytes::from(payload),
+            channel: channel_of(p, &r.stream),
+            stream: r.stream,
+            id: r.id,
+        };
+        sort_item(sub, kind, item, &mut result.deliver).await?;
+    }
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lanes_go_highest_first_and_channels_keep_their_order() {
+        let s = lane_streams("P", &["a".into(), "b".into()]);
+        assert_eq!(
+            s,
+            [
+                "P:s:a:3", "P:s:b:3", "P:s:a:2", "P:s:b:2", "P:s:a:1", "P:s:b:1", "P:s:a:0",
+                "P:s:b:0"
+            ]
+        );
+        assert_eq!(channel_of("P", "P:s:jobs.resize:2"), "jobs.resize");
+    }
+
+    #[test]
+    fn reads_come_back_in_lane_order_whatever_the_reply_order() {
+        let entry = |id: &str| {
+            Value::Array(vec![
+                Value::BulkString(id.as_bytes().to_vec()),
+                Value::Array(vec![
+                    Value::BulkString(b"q".to_vec()),
+                    Value::BulkString(b"7".to_vec()),
+                ]),
+            ])
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::BulkString(b"P:s:a:0".to_vec()),
+                Value::Array(vec![entry("1-0"), entry("1-1")]),
+            ]),
+            Value::Array(vec![
+                Value::BulkString(b"P:s:a:3".to_vec()),
+                Value::Array(vec![entry("2-0")]),
+            ]),
+        ]);
+        let reads = parse_read(reply, &lane_streams("P", &["a".into()]));
+        let ids: Vec<&str> = reads.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["2-0", "1-0", "1-1"]);
+        assert_eq!(reads[0].number(b"q"), Some(7));
+        assert_eq!(reads[0].field(b"h"), None);
+    }
+}
