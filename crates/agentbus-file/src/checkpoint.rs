@@ -660,11 +660,7 @@ pub fn read_checkpoint(
     name: &str,
     index: u64,
 ) -> Result<StateImage, ScanError> {
-    let bytes = bytes::Bytes::from(
-        storage
-            .read(name)
-            .map_err(|e| ScanError::Io(format!("reading {name}"), e))?,
-    );
+    let bytes = crate::segment::read_whole(storage, name)?;
     let damaged = |offset: usize, what: String| {
         ScanError::Damaged(Damage {
             file: name.to_string(),

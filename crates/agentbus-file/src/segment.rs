@@ -204,11 +204,7 @@ pub fn scan(
                 }));
             }
         }
-        let bytes = bytes::Bytes::from(
-            storage
-                .read(name)
-                .map_err(|e| ScanError::Io(format!("reading {name}"), e))?,
-        );
+        let bytes = read_whole(storage, name)?;
         let damaged = |offset: usize, what: String| {
             ScanError::Damaged(Damage {
                 file: name.clone(),
@@ -302,6 +298,14 @@ pub fn scan(
         });
     }
     Ok(scan)
+}
+
+/// The whole content of a log file, as a buffer record payloads can share.
+pub(crate) fn read_whole(storage: &dyn Storage, name: &str) -> Result<bytes::Bytes, ScanError> {
+    storage
+        .read(name)
+        .map(bytes::Bytes::from)
+        .map_err(|e| ScanError::Io(format!("reading {name}"), e))
 }
 
 /// Disks write whole sectors: a write cut short by a power loss can leave the file

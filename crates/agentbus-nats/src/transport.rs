@@ -229,6 +229,27 @@ impl NatsTransport {
         config.map_or(self.inner.options.duplicate_window, |c| c.dedup_window)
     }
 
+    /// Applies the channel's limits to a publish and encodes it: the subject, the
+    /// headers and the dedup window it is stored under.
+    async fn prepare_publish(
+        &self,
+        envelope: &Envelope,
+    ) -> Result<(String, async_nats::HeaderMap, Duration)> {
+        let config = self.config_for(&envelope.channel);
+        if let Some(config) = &config {
+            self.make_room(&envelope.channel, config, envelope.size_bytes() as u64)
+                .await?;
+        }
+        let window = self.dedup_window(config.as_ref());
+        let headers = wire::encode(envelope, !window.is_zero())?;
+        let subject = wire::subject(
+            &self.inner.options.prefix,
+            envelope.header.priority,
+            envelope.channel.as_str(),
+        );
+        Ok((subject, headers, window))
+    }
+
     /// Stores a message, applying the channel's dedup `window` exactly: JetStream
     /// remembers an id for the stream's `duplicate_window`, which may be longer than
     /// the channel's; a duplicate whose original is older than `window` (or gone) is
@@ -740,18 +761,7 @@ impl Transport for NatsTransport {
         if envelope.channel.as_str().starts_with("_INBOX.") {
             return self.reply_core(envelope).await;
         }
-        let config = self.config_for(&envelope.channel);
-        if let Some(config) = &config {
-            self.make_room(&envelope.channel, config, envelope.size_bytes() as u64)
-                .await?;
-        }
-        let window = self.dedup_window(config.as_ref());
-        let headers = wire::encode(&envelope, !window.is_zero())?;
-        let subject = wire::subject(
-            &self.inner.options.prefix,
-            envelope.header.priority,
-            envelope.channel.as_str(),
-        );
+        let (subject, headers, window) = self.prepare_publish(&envelope).await?;
         let channel = envelope.channel;
         let ack = self
             .store(
@@ -779,18 +789,7 @@ impl Transport for NatsTransport {
             let sent = async {
                 self.check_open()?;
                 self.inner.limits.check(&envelope, Utc::now())?;
-                let config = self.config_for(&envelope.channel);
-                if let Some(config) = &config {
-                    self.make_room(&envelope.channel, config, envelope.size_bytes() as u64)
-                        .await?;
-                }
-                let window = self.dedup_window(config.as_ref());
-                let headers = wire::encode(&envelope, !window.is_zero())?;
-                let subject = wire::subject(
-                    &self.inner.options.prefix,
-                    envelope.header.priority,
-                    envelope.channel.as_str(),
-                );
+                let (subject, headers, window) = self.prepare_publish(&envelope).await?;
                 let future = self
                     .inner
                     .js
