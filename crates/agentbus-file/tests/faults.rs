@@ -122,23 +122,7 @@ async fn one_run(seed: u64) {
 
 async fn check(engine: &FileEngine, seen: &Acked, seed: u64) {
     let stats = engine.stats().await.unwrap();
-    let stored: u64 = stats.channels.iter().map(|c| c.messages).sum();
-    let mut all = engine
-        .subscribe(
-            SubscribeOptions::new(ChannelPattern::new("f.>").unwrap())
-                .start(StartPosition::Earliest)
-                .prefetch(100_000),
-        )
-        .await
-        .unwrap();
-    let mut present = HashSet::new();
-    while (present.len() as u64) < stored {
-        let batch = tokio::time::timeout(Duration::from_secs(5), all.next_batch(100_000))
-            .await
-            .expect("stored messages delivered")
-            .unwrap();
-        present.extend(batch.iter().map(|d| d.envelope().header.id));
-    }
+    let present: HashSet<MessageId> = ordered_ids(engine).await.into_iter().collect();
     for id in &seen.published {
         assert!(
             present.contains(id),
