@@ -594,17 +594,7 @@ fn replay_dead_letter(
     wake: &mut Wake,
 ) -> Result<PublishReceipt> {
     let letter = state.take_dead_letter(id)?;
-    let mut envelope = letter.envelope.clone();
-    envelope.header.causation_id = Some(letter.envelope.header.id);
-    envelope.header.id = new_id;
-    envelope.header.attempt = 0;
-    envelope.header.deadline = None;
-    envelope.header.not_before = None;
-    envelope.header.headers.insert(
-        "agentbus-replay-of".into(),
-        letter.envelope.header.id.to_string(),
-    );
-    match state.publish(envelope, now, wake) {
+    match state.publish(letter.replay_envelope(new_id), now, wake) {
         Ok(receipt) => Ok(receipt),
         Err(e) => {
             state.restore_dead_letter(letter);

@@ -914,18 +914,9 @@ impl Transport for NatsTransport {
             .into_iter()
             .find(|(_, l)| l.id == id)
             .ok_or_else(|| not_found_letter(id))?;
-        let mut envelope = letter.envelope;
-        let original = envelope.header.id;
-        envelope.header.id = MessageId::new();
-        envelope.header.causation_id = Some(original);
-        envelope.header.deadline = None;
-        envelope.header.not_before = None;
-        envelope.header.attempt = 0;
-        envelope
-            .header
-            .headers
-            .insert("agentbus-replay-of".to_string(), original.to_string());
-        let receipt = self.publish(envelope).await?;
+        let receipt = self
+            .publish(letter.replay_envelope(MessageId::new()))
+            .await?;
         self.inner
             .dlq
             .delete_message(seq)

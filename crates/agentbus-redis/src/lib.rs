@@ -797,18 +797,9 @@ impl Transport for RedisTransport {
     async fn replay_dead_letter(&self, id: MessageId) -> agentbus::Result<PublishReceipt> {
         self.shared.check_open()?;
         let (entry, letter) = self.find_dead(id).await?;
-        let mut envelope = letter.envelope;
-        let original = envelope.header.id;
-        envelope.header.id = MessageId::new();
-        envelope.header.causation_id = Some(original);
-        envelope.header.deadline = None;
-        envelope.header.not_before = None;
-        envelope.header.attempt = 1;
-        envelope
-            .header
-            .headers
-            .insert("agentbus-replay-of".into(), original.to_string());
-        let receipt = self.publish(envelope).await?;
+        let receipt = self
+            .publish(letter.replay_envelope(MessageId::new()))
+            .await?;
         let mut conn = self.shared.conn();
         let _: i64 = redis::cmd("XDEL")
             .arg(format!("{}:dlq", self.prefix()))

@@ -542,6 +542,44 @@ pub struct DeadLetter {
     pub dead_at: DateTime<Utc>,
 }
 
+impl DeadLetter {
+    /// The message a replay of this letter publishes, under `new_id`: the original
+    /// with its deadline and delay cleared (it already missed them), not yet
+    /// delivered, caused by the original (`causation_id`) and marked with the header
+    /// `agentbus-replay-of`. Every engine's `replay_dead_letter` publishes this.
+    ///
+    /// ```
+    /// # use agentbus::{ChannelName, DeadLetter, DeadReason, Envelope, MessageId};
+    /// let original = Envelope::new(ChannelName::new("jobs").unwrap(), "job", &b"{}"[..]);
+    /// let letter = DeadLetter {
+    ///     id: MessageId::new(),
+    ///     envelope: original.clone(),
+    ///     group: "workers".into(),
+    ///     reason: DeadReason::Rejected,
+    ///     attempts: 3,
+    ///     last_error: None,
+    ///     dead_at: chrono::Utc::now(),
+    /// };
+    /// let again = letter.replay_envelope(MessageId::new());
+    /// assert_eq!(again.header.causation_id, Some(original.header.id));
+    /// assert_eq!(again.header.headers["agentbus-replay-of"], original.header.id.to_string());
+    /// ```
+    pub fn replay_envelope(&self, new_id: MessageId) -> Envelope {
+        let original = self.envelope.header.id;
+        let mut envelope = self.envelope.clone();
+        envelope.header.id = new_id;
+        envelope.header.causation_id = Some(original);
+        envelope.header.attempt = 0;
+        envelope.header.deadline = None;
+        envelope.header.not_before = None;
+        envelope
+            .header
+            .headers
+            .insert("agentbus-replay-of".into(), original.to_string());
+        envelope
+    }
+}
+
 /// Which dead letters to list or purge.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeadLetterFilter {

@@ -336,16 +336,7 @@ impl Transport for MemoryEngine {
     async fn replay_dead_letter(&self, id: MessageId) -> Result<PublishReceipt> {
         self.shared.check_open()?;
         let letter = self.shared.inner.lock().state.take_dead_letter(id)?;
-        let mut envelope = letter.envelope.clone();
-        envelope.header.causation_id = Some(letter.envelope.header.id);
-        envelope.header.id = MessageId::new();
-        envelope.header.attempt = 0;
-        envelope.header.deadline = None;
-        envelope.header.not_before = None;
-        envelope.header.headers.insert(
-            "agentbus-replay-of".into(),
-            letter.envelope.header.id.to_string(),
-        );
+        let envelope = letter.replay_envelope(MessageId::new());
         match self.publish(envelope).await {
             Ok(receipt) => Ok(receipt),
             Err(e) => {
