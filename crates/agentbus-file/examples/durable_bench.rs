@@ -391,7 +391,7 @@ async fn bench_recovery(args: &Args, root: &std::path::Path) {
                 }
             }
             let stats = engine.stats().await.unwrap();
-            let on_disk: u64 = stats.details["segment_bytes"].parse().unwrap();
+            let on_disk: u64 = stats.details["log_bytes"].parse().unwrap();
             let deleted: u64 = stats.details["segment_bytes_deleted"].parse().unwrap();
             log_bytes = on_disk + deleted;
         }

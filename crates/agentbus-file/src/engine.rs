@@ -88,6 +88,8 @@ struct Shared {
     storage: Arc<dyn Storage>,
     /// The smallest amount of log between checkpoints (`None`: no checkpoints).
     checkpoint_bytes: Option<u64>,
+    /// The size past which the writer starts a new segment.
+    segment_roll_bytes: u64,
     checkpoints: Mutex<CheckpointStatus>,
     /// This engine, for the checkpoint thread to hold while it works.
     me: Weak<Shared>,
@@ -436,6 +438,7 @@ impl FileEngine {
                 recovery,
                 storage,
                 checkpoint_bytes: options.checkpoint_bytes,
+                segment_roll_bytes: options.segment_bytes,
                 checkpoints: Mutex::new(CheckpointStatus::default()),
                 me: me.clone(),
             }),
@@ -780,8 +783,13 @@ impl Shared {
     }
 
     /// `wait` for synchronous callers (open): polls the writer on this thread.
+    ///
+    /// `unconstrained`: open may be called from inside a tokio task whose
+    /// cooperative budget is spent; tokio's channels then answer every poll with
+    /// "yield", and a nested executor, which never gives the thread back to the
+    /// scheduler to refill the budget, would spin forever.
     fn wait_blocking(&self, lsn: u64) -> Result<()> {
-        futures::executor::block_on(self.wait(lsn))
+        futures::executor::block_on(tokio::task::coop::unconstrained(self.wait(lsn)))
     }
 }
 
@@ -994,7 +1002,11 @@ impl Transport for FileEngine {
         details.insert("fsync".to_string(), self.shared.policy.to_string());
         details.insert("data_dir".to_string(), self.shared.location.clone());
         details.insert("segments".to_string(), segments.to_string());
-        details.insert("segment_bytes".to_string(), bytes.to_string());
+        details.insert("log_bytes".to_string(), bytes.to_string());
+        details.insert(
+            "segment_roll_bytes".to_string(),
+            self.shared.segment_roll_bytes.to_string(),
+        );
         details.insert("fsyncs".to_string(), syncs.to_string());
         details.insert("write_batches".to_string(), batches.to_string());
         details.insert(

@@ -329,3 +329,41 @@ async fn unsynced_settlements_still_persist_on_close() {
     let quiet = tokio::time::timeout(Duration::from_millis(300), consumer.next_batch(1)).await;
     assert!(quiet.is_err(), "acks written before the close are kept");
 }
+
+/// `FileEngine::open` is synchronous and waits for its own journal record; called from
+/// a tokio task that has used up its cooperative-scheduling budget, that wait once
+/// spun forever (tokio's budget check kept answering "yield" to a nested executor
+/// that never returns to the scheduler). The open must finish whatever the budget.
+#[test]
+fn open_from_a_task_with_an_exhausted_budget_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            // Every `recv` of a ready message spends one unit of the task's budget
+            // (128 per poll); 1,000 in a row leave none.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            for i in 0..1_000 {
+                tx.send(i).unwrap();
+            }
+            let mut received = 0;
+            while futures::FutureExt::now_or_never(rx.recv()).is_some() {
+                received += 1;
+            }
+            // A ready message refused: the budget is spent (else the test proves nothing).
+            assert!(received < 1_000, "the task's budget never ran out");
+            let engine = FileEngine::open(&path, FileOptions::default()).unwrap();
+            engine.close().await.unwrap();
+        });
+        let _ = done.send(());
+    });
+    assert!(
+        finished.recv_timeout(Duration::from_secs(60)).is_ok(),
+        "FileEngine::open did not return within 60 s"
+    );
+}
