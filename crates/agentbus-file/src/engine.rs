@@ -40,7 +40,8 @@ use crate::codec::{encode_publish, write_frame, Op, PUBLISH_EXPECT_AT};
 use crate::options::{FileOptions, FsyncPolicy};
 use crate::repair::{quarantine, quarantine_checkpoint, RepairReport};
 use crate::segment::{
-    list_segments, scan, segment_header, segment_name, Damage, ScanError, TornTail, SEGMENT_HEADER,
+    list_segments, scan, segment_header, segment_name, Damage, ReadAhead, ScanError, TornTail,
+    SEGMENT_HEADER,
 };
 use crate::storage::{StdStorage, Storage};
 use crate::wal::{write_failed, Tail, Wal};
@@ -300,13 +301,18 @@ impl FileEngine {
                 })
             })
         };
-        let (mut base, from, checkpoint) = loop {
+        // The segments after the checkpoint are read on a thread while the checkpoint
+        // loads. A read-ahead that cannot start (its listing found damage) is left to
+        // the plain scan below, which reports the damage or repairs it.
+        let read_ahead = |from: u64| ReadAhead::start(storage.clone(), from).ok();
+        let (mut base, from, checkpoint, mut ahead) = loop {
             let newest = list_checkpoints(&*storage).map_err(scan_error)?.pop();
             let Some((index, name)) = newest else {
-                break (None, 1, None);
+                break (None, 1, None, read_ahead(1));
             };
+            let ahead = read_ahead(index);
             match load(index, &name) {
-                Ok(state) => break (Some(state), index, Some(name)),
+                Ok(state) => break (Some(state), index, Some(name), ahead),
                 Err(ScanError::Damaged(damage)) if options.repair && repaired.is_none() => {
                     repaired = Some(quarantine_checkpoint(&*storage, &damage).map_err(|e| {
                         io_error(format!("could not repair the log in {location}"), e)
@@ -322,7 +328,11 @@ impl FileEngine {
                 (None, Some(name)) => Replay::with_state(load(from, name).map_err(scan_error)?),
                 (None, None) => Replay::new(),
             };
-            match scan(&*storage, from, |op| replay.apply(op)) {
+            let scanned = match ahead.take() {
+                Some(ahead) => ahead.scan(|op| replay.apply(op)),
+                None => scan(&*storage, from, |op| replay.apply(op)),
+            };
+            match scanned {
                 Ok(found) => break (replay.state, found),
                 Err(ScanError::Damaged(damage)) if options.repair && repaired.is_none() => {
                     repaired = Some(quarantine(&*storage, &damage).map_err(|e| {

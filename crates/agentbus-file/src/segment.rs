@@ -152,11 +152,17 @@ pub fn list_segments(storage: &dyn Storage) -> Result<Vec<(u64, String)>, ScanEr
 pub fn scan(
     storage: &dyn Storage,
     from: u64,
-    mut apply: impl FnMut(Op) -> Result<(), String>,
+    apply: impl FnMut(Op) -> Result<(), String>,
 ) -> Result<Scan, ScanError> {
+    let segments = segments_from(storage, from)?;
+    scan_segments(&segments, |name| read_whole(storage, name), apply)
+}
+
+/// The segments a scan from segment `from` reads, in order, after checking that the
+/// log's first one is there.
+fn segments_from(storage: &dyn Storage, from: u64) -> Result<Vec<(u64, String)>, ScanError> {
     let mut segments = list_segments(storage)?;
     segments.retain(|(index, _)| *index >= from);
-    let mut scan = Scan::default();
     // A checkpoint is written only after the segment it continues in was created and
     // synced, so that segment must exist (a brand-new log has none at all).
     if from > 1 && segments.is_empty() {
@@ -176,17 +182,32 @@ pub fn scan(
                 file: segment_name(from),
                 offset: 0,
                 what: format!(
-                    "segment {} is missing: the log {} continues there, but the first                      segment present is {name}",
+                    "segment {} is missing: the log {} continues there, but the first \
+                     segment present is {name}",
                     segment_name(from),
                     if from == 1 {
                         "starts".to_string()
                     } else {
-                        format!("after checkpoint {}", crate::checkpoint::checkpoint_name(from))
+                        format!(
+                            "after checkpoint {}",
+                            crate::checkpoint::checkpoint_name(from)
+                        )
                     },
                 ),
             }));
         }
     }
+    Ok(segments)
+}
+
+/// Applies the recovery rules to `segments` (from [`segments_from`]), getting each
+/// file's bytes from `read`, in order.
+fn scan_segments(
+    segments: &[(u64, String)],
+    mut read: impl FnMut(&str) -> Result<bytes::Bytes, ScanError>,
+    mut apply: impl FnMut(Op) -> Result<(), String>,
+) -> Result<Scan, ScanError> {
+    let mut scan = Scan::default();
     for (position, (index, name)) in segments.iter().enumerate() {
         let last = position + 1 == segments.len();
         if position > 0 {
@@ -204,7 +225,7 @@ pub fn scan(
                 }));
             }
         }
-        let bytes = read_whole(storage, name)?;
+        let bytes = read(name)?;
         let damaged = |offset: usize, what: String| {
             ScanError::Damaged(Damage {
                 file: name.clone(),
@@ -300,6 +321,92 @@ pub fn scan(
     Ok(scan)
 }
 
+/// How many segment files a [`ReadAhead`] may hold read but not yet scanned (64 MiB
+/// each at the default size): enough to keep the reader busy while the scan decodes,
+/// little enough that a long history is not all in memory at once.
+const READ_AHEAD_FILES: usize = 4;
+
+/// A scan whose segment files are read on a thread of their own, ahead of the
+/// decoding, so that on a multi-core machine the kernel's copying of the files (most
+/// of the cost of opening a large live backlog) overlaps with decoding and replaying
+/// them, and with loading the checkpoint that precedes them.
+///
+/// Start it before loading the checkpoint; dropping it stops the reader.
+pub(crate) struct ReadAhead {
+    segments: Vec<(u64, String)>,
+    files: std::sync::mpsc::Receiver<Result<bytes::Bytes, ScanError>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReadAhead {
+    /// Lists the segments from `from` on (checking, as [`scan`] does, that the first
+    /// is there) and starts reading them.
+    ///
+    /// # Errors
+    /// As [`scan`], for the listing; [`ScanError::Io`] if the thread cannot start.
+    pub(crate) fn start(
+        storage: std::sync::Arc<dyn Storage>,
+        from: u64,
+    ) -> Result<ReadAhead, ScanError> {
+        let segments = segments_from(&*storage, from)?;
+        let names: Vec<String> = segments.iter().map(|(_, name)| name.clone()).collect();
+        let (sender, files) = std::sync::mpsc::sync_channel(READ_AHEAD_FILES);
+        let reader = std::thread::Builder::new()
+            .name("agentbus-read-ahead".into())
+            .spawn(move || {
+                for name in names {
+                    let bytes = read_whole(&*storage, &name);
+                    let failed = bytes.is_err();
+                    // The scan stopped (damage found, or it is done): so do we.
+                    if sender.send(bytes).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| ScanError::Io("starting the segment reader thread".into(), e))?;
+        Ok(ReadAhead {
+            segments,
+            files,
+            reader: Some(reader),
+        })
+    }
+
+    /// Runs the scan (see [`scan`]) on the files as they are read.
+    ///
+    /// # Errors
+    /// See [`ScanError`].
+    pub(crate) fn scan(
+        mut self,
+        apply: impl FnMut(Op) -> Result<(), String>,
+    ) -> Result<Scan, ScanError> {
+        let segments = std::mem::take(&mut self.segments);
+        let files = &self.files;
+        scan_segments(
+            &segments,
+            |name| {
+                files.recv().unwrap_or_else(|_| {
+                    Err(ScanError::Io(
+                        format!("reading {name}"),
+                        std::io::Error::other("the segment reader thread stopped"),
+                    ))
+                })
+            },
+            apply,
+        )
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        // Disconnect first, so a reader blocked on a full queue gives up.
+        let (_, closed) = std::sync::mpsc::sync_channel(0);
+        drop(std::mem::replace(&mut self.files, closed));
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
 /// The whole content of a log file, as a buffer record payloads can share.
 pub(crate) fn read_whole(storage: &dyn Storage, name: &str) -> Result<bytes::Bytes, ScanError> {
     storage
@@ -362,6 +469,85 @@ mod tests {
         clean[at + 20] ^= 1;
         clean.resize(2048, 0);
         assert!(!torn_by_zeros(&clean, at));
+    }
+
+    /// A log of `segments` files with `per_segment` `Open` records each.
+    fn log(segments: u64, per_segment: u64) -> crate::fault::FaultyStorage {
+        use crate::codec::write_frame;
+        let storage = crate::fault::FaultyStorage::new(1);
+        for index in 1..=segments {
+            let mut file = storage.create(&segment_name(index)).unwrap();
+            let mut bytes = segment_header(index).to_vec();
+            for n in 0..per_segment {
+                let mut op = Vec::new();
+                Op::Open {
+                    now: chrono::DateTime::UNIX_EPOCH,
+                    max_dead_letters: index * 1_000 + n,
+                }
+                .encode(&mut op);
+                write_frame(&mut bytes, &op);
+            }
+            file.write_all(&bytes).unwrap();
+            file.sync().unwrap();
+        }
+        storage.sync_dir().unwrap();
+        storage
+    }
+
+    fn opened(op: Op) -> u64 {
+        match op {
+            Op::Open {
+                max_dead_letters, ..
+            } => max_dead_letters,
+            other => panic!("unexpected record {other:?}"),
+        }
+    }
+
+    #[test]
+    fn read_ahead_scans_what_the_plain_scan_scans() {
+        let storage = log(9, 5);
+        let mut plain = Vec::new();
+        let plain_scan = scan(&storage, 3, |op| {
+            plain.push(opened(op));
+            Ok(())
+        })
+        .unwrap();
+        let mut ahead = Vec::new();
+        let ahead_scan = ReadAhead::start(std::sync::Arc::new(storage), 3)
+            .unwrap()
+            .scan(|op| {
+                ahead.push(opened(op));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(plain_scan, ahead_scan);
+        assert_eq!(plain, ahead);
+        assert_eq!(plain.len(), 7 * 5);
+        assert_eq!(plain.first(), Some(&3_000));
+    }
+
+    #[test]
+    fn read_ahead_stops_at_damage_and_when_dropped_early() {
+        let storage = log(9, 5);
+        storage
+            .damage(&segment_name(4), |bytes| {
+                let at = bytes.len() - 3;
+                bytes[at] ^= 0x40;
+            })
+            .unwrap();
+        let plain = scan(&storage, 1, |_| Ok(())).unwrap_err().to_string();
+        let shared: std::sync::Arc<dyn Storage> = std::sync::Arc::new(storage);
+        let ahead = ReadAhead::start(shared.clone(), 1)
+            .unwrap()
+            .scan(|_| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(plain, ahead);
+        assert!(ahead.contains(&segment_name(4)), "{ahead}");
+        // Never scanned: the reader, blocked on its full queue, must let go.
+        drop(ReadAhead::start(shared.clone(), 1).unwrap());
+        // A missing first segment is found by the listing, before any reading.
+        assert!(ReadAhead::start(shared, 20).is_err());
     }
 
     #[test]
