@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
-use agentbus::engine_core::{GroupId, Handout, MemberId, State, StateImage, Take, Wake};
+use agentbus::engine_core::{take_or_wait, GroupId, MemberId, State, StateImage, Take, Wake};
 use agentbus::{
     Capabilities, ChannelConfig, ChannelPattern, Consumer, DeadLetter, DeadLetterFilter, Delivery,
     DurabilityReport, EngineStats, Envelope, Error, ErrorKind, MessageId, PublishLimits,
@@ -1265,56 +1265,48 @@ impl fmt::Debug for FileConsumer {
 impl Consumer for FileConsumer {
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>> {
         let max = max.max(1);
-        loop {
-            self.shared.check_open()?;
-            let notify = self
-                .shared
-                .inner
-                .lock()
-                .wakers
-                .get(&self.group)
-                .cloned()
-                .ok_or_else(|| {
-                    Error::new(
-                        ErrorKind::Closed,
-                        "this subscription's group was deleted; subscribe again",
-                    )
-                })?;
-            let notified = notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let (group, member) = (self.group, self.member);
-            let (taken, _) = self.shared.with_state(|state, now, wake, journal| {
-                state.fire_timers(now, wake);
-                let taken = state.take(group, member, max, now);
-                let expect = match &taken {
-                    Ok(Take::Some(handouts, _)) => handouts.len() as u64,
-                    _ => 0,
-                };
-                journal.push(&Op::Take {
-                    now,
-                    group,
-                    member,
-                    max: max as u64,
-                    expect,
+        let (group, member) = (self.group, self.member);
+        let settler: Arc<dyn Settler> = self.settler.clone();
+        let shared = &self.shared;
+        take_or_wait(
+            &self.group_name,
+            &settler,
+            || {
+                shared.check_open()?;
+                shared
+                    .inner
+                    .lock()
+                    .wakers
+                    .get(&group)
+                    .cloned()
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::Closed,
+                            "this subscription's group was deleted; subscribe again",
+                        )
+                    })
+            },
+            || {
+                let (taken, _) = shared.with_state(|state, now, wake, journal| {
+                    state.fire_timers(now, wake);
+                    let taken = state.take(group, member, max, now);
+                    let expect = match &taken {
+                        Ok(Take::Some(handouts, _)) => handouts.len() as u64,
+                        _ => 0,
+                    };
+                    journal.push(&Op::Take {
+                        now,
+                        group,
+                        member,
+                        max: max as u64,
+                        expect,
+                    });
+                    taken
                 });
                 taken
-            });
-            match taken? {
-                Take::Some(handouts, more) => {
-                    if more {
-                        notify.notify_waiters();
-                    }
-                    let settler: Arc<dyn Settler> = self.settler.clone();
-                    return Ok(Handout::into_deliveries(
-                        handouts,
-                        &self.group_name,
-                        &settler,
-                    ));
-                }
-                Take::Empty | Take::PrefetchFull => notified.await,
-            }
-        }
+            },
+        )
+        .await
     }
 
     fn group(&self) -> &str {

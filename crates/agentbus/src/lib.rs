@@ -25,6 +25,7 @@ pub mod transport;
 #[doc(hidden)]
 pub mod engine_core {
     pub use crate::memory::state::*;
+    pub use crate::memory::take_loop::take_or_wait;
 }
 
 pub use agent::{

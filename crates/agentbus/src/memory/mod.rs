@@ -9,6 +9,7 @@
 
 #[doc(hidden)]
 pub mod state;
+pub(crate) mod take_loop;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -29,7 +30,8 @@ use crate::transport::{
     PublishLimits, PublishReceipt, Settlement, Settler, SubscribeOptions, Transport,
 };
 
-use state::{GroupId, Handout, MemberId, State, Take, Wake};
+use state::{GroupId, MemberId, State, Wake};
+use take_loop::take_or_wait;
 
 /// The in-memory engine.
 ///
@@ -417,40 +419,30 @@ impl fmt::Debug for MemoryConsumer {
 impl Consumer for MemoryConsumer {
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>> {
         let max = max.max(1);
-        loop {
-            self.shared.check_open()?;
-            let notify = self
-                .shared
-                .inner
-                .lock()
-                .wakers
-                .get(&self.group)
-                .cloned()
-                .ok_or_else(|| Error::closed("this subscription's group"))?;
-            let notified = notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let (group, member) = (self.group, self.member);
-            let taken = self.shared.with_state(|state, now, wake| {
-                state.fire_timers(now, wake);
-                state.take(group, member, max, now)
-            })?;
-            match taken {
-                Take::Some(handouts, more) => {
-                    if more {
-                        // Others in the group may take what this batch left.
-                        notify.notify_waiters();
-                    }
-                    let settler: Arc<dyn Settler> = self.settler.clone();
-                    return Ok(Handout::into_deliveries(
-                        handouts,
-                        &self.group_name,
-                        &settler,
-                    ));
-                }
-                Take::Empty | Take::PrefetchFull => notified.await,
-            }
-        }
+        let (group, member) = (self.group, self.member);
+        let settler: Arc<dyn Settler> = self.settler.clone();
+        let shared = &self.shared;
+        take_or_wait(
+            &self.group_name,
+            &settler,
+            || {
+                shared.check_open()?;
+                shared
+                    .inner
+                    .lock()
+                    .wakers
+                    .get(&group)
+                    .cloned()
+                    .ok_or_else(|| Error::closed("this subscription's group"))
+            },
+            || {
+                shared.with_state(|state, now, wake| {
+                    state.fire_timers(now, wake);
+                    state.take(group, member, max, now)
+                })
+            },
+        )
+        .await
     }
 
     fn group(&self) -> &str {
