@@ -72,6 +72,10 @@ fn pub_then_sub_dlq_and_stats_across_processes() {
     assert!(out.contains("fsync: always"), "{out}");
     assert!(out.contains("segments: 1"), "{out}");
     assert!(out.contains("log_bytes: "), "{out}");
+    assert!(
+        out.contains("segment_files: 00000000000000000001.seg ("),
+        "{out}"
+    );
     let json = ok(agentbus(dir.path(), &["stats", "--json"]));
     let stats: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
     assert_eq!(stats["engine"], "file");

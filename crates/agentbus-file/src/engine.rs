@@ -803,6 +803,34 @@ impl Shared {
     }
 }
 
+/// `name (bytes), …` for `files` as listed, the middle elided past 16 of them (a log
+/// with checkpoints off keeps every segment).
+fn file_sizes(storage: &dyn Storage, files: &[(u64, String)]) -> String {
+    const SHOWN_AT_EACH_END: usize = 8;
+    let describe = |name: &String| match storage.size(name) {
+        Ok(bytes) => format!("{name} ({bytes} B)"),
+        Err(_) => format!("{name} (size unknown)"),
+    };
+    if files.len() <= 2 * SHOWN_AT_EACH_END {
+        return files
+            .iter()
+            .map(|(_, name)| describe(name))
+            .collect::<Vec<_>>()
+            .join(", ");
+    }
+    let head = files[..SHOWN_AT_EACH_END]
+        .iter()
+        .map(|(_, name)| describe(name));
+    let tail = files[files.len() - SHOWN_AT_EACH_END..]
+        .iter()
+        .map(|(_, name)| describe(name));
+    let elided = files.len() - 2 * SHOWN_AT_EACH_END;
+    head.chain(std::iter::once(format!("… {elided} more …")))
+        .chain(tail)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 async fn timer_loop(shared: Weak<Shared>) {
     loop {
         let (sleep, changed) = {
@@ -1068,6 +1096,18 @@ impl Transport for FileEngine {
                     status.failures.to_string(),
                 );
                 details.insert("last_checkpoint_error".to_string(), error.clone());
+            }
+        }
+        let storage = &*self.shared.storage;
+        if let Ok(segments) = list_segments(storage) {
+            details.insert("segment_files".to_string(), file_sizes(storage, &segments));
+        }
+        if let Ok(checkpoints) = list_checkpoints(storage) {
+            if !checkpoints.is_empty() {
+                details.insert(
+                    "checkpoint_files".to_string(),
+                    file_sizes(storage, &checkpoints),
+                );
             }
         }
         if let Some(torn) = &recovery.torn {

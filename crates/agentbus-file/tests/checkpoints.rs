@@ -147,6 +147,55 @@ async fn open_starts_from_the_newest_checkpoint_and_old_segments_go() {
             "{:?}",
             stats.details
         );
+        // The files listed are the files on disk, with their sizes.
+        let on_disk = |extension: &str| {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|name| name.ends_with(extension))
+                .collect();
+            names.sort();
+            names
+        };
+        for (detail, extension) in [("segment_files", ".seg"), ("checkpoint_files", ".ckpt")] {
+            // A checkpoint may be retiring files right now: compare a listing taken
+            // while the directory held still.
+            let (names, stats) = loop {
+                let before = (on_disk(".seg"), on_disk(".ckpt"));
+                let stats = engine.stats().await.unwrap();
+                if (on_disk(".seg"), on_disk(".ckpt")) == before {
+                    break (on_disk(extension), stats);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            };
+            let listed = &stats.details[detail];
+            assert!(!names.is_empty());
+            if names.len() <= 16 {
+                let listed: Vec<(String, u64)> = listed
+                    .split(", ")
+                    .map(|entry| {
+                        let (name, bytes) = entry.split_once(" (").unwrap();
+                        (
+                            name.to_string(),
+                            bytes.trim_end_matches(" B)").parse().unwrap(),
+                        )
+                    })
+                    .collect();
+                let listed_names: Vec<&String> = listed.iter().map(|(name, _)| name).collect();
+                assert_eq!(listed_names, names.iter().collect::<Vec<_>>());
+                // Every file but the segment still written to has its final size.
+                for (name, bytes) in &listed[..listed.len() - usize::from(extension == ".seg")] {
+                    let on_disk = std::fs::metadata(dir.path().join(name)).unwrap().len();
+                    assert_eq!(*bytes, on_disk, "{name}");
+                }
+            } else {
+                assert!(listed.contains(&names[0]), "{listed}");
+                assert!(
+                    listed.contains(&format!("… {} more …", names.len() - 16)),
+                    "{listed}"
+                );
+            }
+        }
         engine.close().await.unwrap();
         outcome
     };
