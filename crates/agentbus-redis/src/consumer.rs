@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use agentbus::{
     ChannelName, ChannelPattern, Consumer, DeadLetter, DeadReason, Delivery, Envelope, Error,
-    ErrorKind, Header, MessageId, Settlement, Settler, SubscribeOptions,
+    ErrorKind, MessageId, Settlement, Settler, SubscribeOptions,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 
 use crate::fast::{run_native_take, NATIVE_MAX_CHANNELS};
 use crate::util::{arr, bytes, int, lua_ms, millis, text};
-use crate::{scripts, start_args, Shared};
+use crate::{scripts, start_args, wire, Shared};
 
 /// The longest a waiting consumer blocks before it looks again for new channels,
 /// ack-wait expiries and due redeliveries.
@@ -42,9 +42,12 @@ const SCAN_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct InFlight {
-    stream: String,
+    stream: Arc<str>,
     id: String,
     envelope: Arc<Envelope>,
+    /// The group's `claims` counter when it was taken (see `Sub::ack_held`); `None`
+    /// when unknown, which makes its ack go entry by entry.
+    claims: Option<u64>,
 }
 
 /// What one subscription shares with its deliveries: settles go through here.
@@ -156,7 +159,7 @@ impl Settler for Sub {
         match settlement {
             Settlement::Ack => {
                 let done = self
-                    .ack_entries(&[(entry.stream.as_str(), entry.id.as_str())])
+                    .ack_held(&[(&*entry.stream, entry.id.as_str(), entry.claims, attempt)])
                     .await
                     .map_err(|e| self.shared.err("XACK", e))?;
                 if done.first() != Some(&true) {
@@ -194,7 +197,7 @@ impl Settler for Sub {
                 inv.arg(self.prefix())
                     .arg(&*self.group)
                     .arg("nack")
-                    .arg(&entry.stream)
+                    .arg(&*entry.stream)
                     .arg(&entry.id)
                     .arg(due)
                     .arg(error.unwrap_or_default());
@@ -240,12 +243,19 @@ impl Settler for Sub {
             .iter()
             .map(|(token, _)| self.take_in_flight(*token))
             .collect();
-        let pairs: Vec<(&str, &str)> = entries
+        let held: Vec<(&str, &str, Option<u64>, u32)> = entries
             .iter()
             .flatten()
-            .map(|e| (e.stream.as_str(), e.id.as_str()))
+            .map(|e| {
+                (
+                    &*e.stream,
+                    e.id.as_str(),
+                    e.claims,
+                    e.envelope.header.attempt,
+                )
+            })
             .collect();
-        let done = self.ack_entries(&pairs).await;
+        let done = self.ack_held(&held).await;
         let mut done = match done {
             Ok(done) => done.into_iter(),
             Err(e) => {
@@ -275,7 +285,7 @@ impl Settler for Sub {
 
 /// One item handed out by the take script.
 pub(crate) struct Taken {
-    pub(crate) stream: String,
+    pub(crate) stream: Arc<str>,
     pub(crate) id: String,
     pub(crate) count: u32,
     pub(crate) sequence: u64,
@@ -294,6 +304,8 @@ pub(crate) struct TakeResult {
     /// A native take found work only the script does (due redeliveries, a group it
     /// cannot read): take with the script next, without waiting.
     pub(crate) script_needed: bool,
+    /// The group's `claims` counter read with the take (see `Sub::ack_held`).
+    pub(crate) claims: Option<u64>,
 }
 
 /// What the take script (or a native read) says to do with an entry now held by
@@ -309,51 +321,61 @@ pub(crate) enum ItemKind {
 }
 
 /// One stream entry as read from the server, before it becomes an envelope.
-pub(crate) struct Item<'a> {
-    pub(crate) stream: String,
+pub(crate) struct Item {
+    pub(crate) stream: Arc<str>,
     pub(crate) id: String,
     pub(crate) count: u32,
-    pub(crate) header: Option<&'a [u8]>,
-    pub(crate) sequence: u64,
-    pub(crate) payload: Bytes,
-    pub(crate) channel: String,
+    /// The `m` field: binary header and payload (`crate::wire`).
+    pub(crate) message: Option<Bytes>,
+    /// The channel of the stream; `None` when its name is not a valid channel.
+    pub(crate) channel: Option<ChannelName>,
+}
+
+/// The channel sequence of an entry: the second part of its id `<ms>-<seq>`, which
+/// the publish script sets (`publish.lua`).
+fn sequence_of(id: &str) -> u64 {
+    id.split_once('-')
+        .and_then(|(_, seq)| seq.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Turns an entry into a delivery (pushed on `deliver`) or writes its dead letter.
 pub(crate) async fn sort_item(
     sub: &Sub,
     kind: ItemKind,
-    item: Item<'_>,
+    item: Item,
     deliver: &mut Vec<Taken>,
 ) -> agentbus::Result<()> {
     let Item {
         stream,
         id,
         count,
-        header,
-        sequence,
-        payload,
+        message,
         channel,
     } = item;
-    let header = header.map(serde_json::from_slice::<Header>);
-    let envelope = match (header, ChannelName::new(channel)) {
-        (Some(Ok(header)), Ok(channel)) => Envelope {
+    let decoded = message
+        .as_ref()
+        .ok_or(wire::WireError::Empty)
+        .and_then(wire::decode);
+    let envelope = match (decoded, channel) {
+        (Ok((header, payload)), Some(channel)) => Envelope {
             channel,
             header,
             payload,
         },
-        other => {
-            // Not written by agentbus (or damaged): it cannot be delivered or
-            // dead-lettered as an envelope. Ack it away loudly.
+        (decoded, _) => {
+            // Not written by this version of agentbus (or damaged): it cannot be
+            // delivered or dead-lettered as an envelope. Ack it away loudly.
             tracing::error!(
                 stream = %stream, entry = %id,
-                "dropping a stream entry that is not an agentbus message: {:?}",
-                other.0.map(|r| r.err())
+                "dropping a stream entry that is not an agentbus message: {}",
+                decoded.err().map_or_else(|| "its stream is not a channel".to_string(), |e| e.to_string())
             );
-            let _ = sub.ack_entries(&[(stream.as_str(), id.as_str())]).await;
+            let _ = sub.ack_entries(&[(&*stream, id.as_str())]).await;
             return Ok(());
         }
     };
+    let sequence = sequence_of(&id);
     match kind {
         ItemKind::Deliver => deliver.push(Taken {
             stream,
@@ -432,6 +454,7 @@ async fn run_take(
             deliver: Vec::new(),
             last_ids: Vec::new(),
             script_needed: false,
+            claims: None,
         });
     }
     let chver = parts.get(1).map(text).unwrap_or_default();
@@ -441,19 +464,32 @@ async fn run_take(
         .and_then(|t| t.parse::<f64>().ok())
         .map(|f| f as i64);
     let mut deliver = Vec::new();
+    // Stream name → channel, resolved once per stream.
+    let mut names: Vec<(Arc<str>, Option<ChannelName>)> = Vec::new();
+    let prefix_len = sub.prefix().len() + 3;
     for item in parts.get(3).map(arr).unwrap_or(&[]) {
         let fields = arr(item);
-        if fields.len() < 8 {
+        if fields.len() < 5 {
             continue;
         }
+        let stream_bytes = bytes(&fields[1]).unwrap_or_default();
+        let (stream, channel) = match names.iter().find(|(s, _)| s.as_bytes() == stream_bytes) {
+            Some((s, c)) => (s.clone(), c.clone()),
+            None => {
+                let stream: Arc<str> = Arc::from(text(&fields[1]));
+                let channel = stream
+                    .get(prefix_len..stream.len().saturating_sub(2))
+                    .and_then(|c| ChannelName::new(c).ok());
+                names.push((stream.clone(), channel.clone()));
+                (stream, channel)
+            }
+        };
         let item = Item {
-            stream: text(&fields[1]),
+            stream,
             id: text(&fields[2]),
             count: int(&fields[3]).max(0) as u32,
-            header: bytes(&fields[4]),
-            sequence: int(&fields[5]).max(0) as u64,
-            payload: Bytes::copy_from_slice(bytes(&fields[6]).unwrap_or_default()),
-            channel: text(&fields[7]),
+            message: bytes(&fields[4]).map(Bytes::copy_from_slice),
+            channel,
         };
         let kind = match text(&fields[0]).as_str() {
             "deliver" => ItemKind::Deliver,
@@ -477,6 +513,7 @@ async fn run_take(
         deliver,
         last_ids,
         script_needed: false,
+        claims: parts.get(5).and_then(|c| text(c).parse().ok()),
     })
 }
 
@@ -828,6 +865,7 @@ impl Consumer for RedisConsumer {
                 ));
             }
             let channels_changed = self.chver.as_deref() != Some(result.chver.as_str());
+            let claims = result.claims;
             self.next_due = result.next_due;
             self.script_next |= result.script_needed;
             if !result.deliver.is_empty() {
@@ -845,6 +883,7 @@ impl Consumer for RedisConsumer {
                             stream: taken.stream,
                             id: taken.id,
                             envelope: envelope.clone(),
+                            claims,
                         },
                     );
                     out.push(Delivery::new(

@@ -29,6 +29,7 @@ mod consumer;
 mod fast;
 mod scripts;
 mod util;
+mod wire;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -49,7 +50,7 @@ use redis::Value;
 use tokio::sync::Notify;
 
 use crate::consumer::RedisConsumer;
-use crate::util::{arr, backend_error, int, lua_ms, millis, str_of, text, value_map};
+use crate::util::{arr, backend_error, bytes, int, lua_ms, millis, str_of, text, value_map};
 
 pub use crate::consumer::BLOCK_SLICE;
 
@@ -383,36 +384,23 @@ impl RedisTransport {
         let now = Utc::now();
         let mut results: Vec<Option<agentbus::Result<PublishReceipt>>> =
             Vec::with_capacity(envelopes.len());
-        let mut sent: Vec<(usize, MessageId, ChannelName)> = Vec::new();
+        let mut sent: Vec<(usize, MessageId, ChannelName)> = Vec::with_capacity(envelopes.len());
         let mut inv = scripts::PUBLISH.prepare_invoke();
-        inv.arg(self.prefix()).arg(millis(now));
+        inv.arg(self.prefix());
+        let stamp =
+            |t: Option<chrono::DateTime<Utc>>| t.map_or(String::new(), |t| millis(t).to_string());
         for mut envelope in envelopes {
             if let Err(e) = self.shared.limits.check(&envelope, now) {
                 results.push(Some(Err(e)));
                 continue;
             }
             envelope.header.attempt = 1;
-            let header = match serde_json::to_vec(&envelope.header) {
-                Ok(h) => h,
-                Err(e) => {
-                    results.push(Some(Err(Error::new(
-                        ErrorKind::Internal,
-                        format!("could not encode a message header for redis: {e}"),
-                    ))));
-                    continue;
-                }
-            };
-            let stamp = |t: Option<chrono::DateTime<Utc>>| {
-                t.map_or(String::new(), |t| millis(t).to_string())
-            };
             inv.arg(envelope.channel.as_str())
                 .arg(envelope.header.priority.as_u8().saturating_sub(1))
-                .arg(header)
                 .arg(envelope.header.id.to_string())
-                .arg(envelope.size_bytes())
                 .arg(stamp(envelope.header.deadline))
                 .arg(stamp(envelope.header.not_before))
-                .arg(envelope.payload.as_ref());
+                .arg(wire::encode(&envelope.header, &envelope.payload));
             sent.push((results.len(), envelope.header.id, envelope.channel));
             results.push(None);
         }
@@ -421,8 +409,20 @@ impl RedisTransport {
             match reply {
                 Ok(reply) => {
                     let replies = arr(&reply);
+                    // The group count of each channel touched: {channel, count, ...}.
+                    let groups = replies.first().map(arr).unwrap_or(&[]);
+                    let groups_of = |channel: &ChannelName| {
+                        groups
+                            .chunks(2)
+                            .find(|pair| {
+                                pair.first().and_then(bytes) == Some(channel.as_str().as_bytes())
+                            })
+                            .and_then(|pair| pair.get(1))
+                            .map_or(0, int)
+                    };
                     for (i, (slot, id, channel)) in sent.into_iter().enumerate() {
-                        results[slot] = Some(receipt(replies.get(i), id, channel));
+                        let groups = groups_of(&channel);
+                        results[slot] = Some(receipt(replies.get(i + 1), id, channel, groups));
                     }
                 }
                 Err(e) => {
@@ -634,20 +634,32 @@ pub async fn delete_prefix(
 /// How many envelopes one publish script call stores.
 const PUBLISH_CHUNK: usize = 256;
 
-/// Turns one reply of the publish script into a receipt or an error.
+/// Turns one reply of the publish script into a receipt or an error: a number is the
+/// sequence of a stored message (whose channel has `groups` groups), an array a
+/// duplicate or a refusal.
 fn receipt(
     reply: Option<&Value>,
     id: MessageId,
     channel: ChannelName,
+    groups: i64,
 ) -> agentbus::Result<PublishReceipt> {
+    if let Some(Value::Int(sequence)) = reply {
+        return Ok(PublishReceipt {
+            id,
+            channel,
+            sequence: (*sequence).max(0) as u64,
+            duplicate: false,
+            groups: groups.max(0) as usize,
+        });
+    }
     let parts = reply.map(arr).unwrap_or(&[]);
     let status = parts.first().map_or(-2, int);
     match status {
-        0 | 1 => Ok(PublishReceipt {
+        1 => Ok(PublishReceipt {
             id,
             channel,
             sequence: parts.get(1).map_or(0, int) as u64,
-            duplicate: status == 1,
+            duplicate: true,
             groups: parts.get(2).map_or(0, int) as usize,
         }),
         -1 => Err(Error::new(

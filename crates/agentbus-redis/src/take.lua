@@ -3,8 +3,10 @@
 -- Hands out up to `room` deliveries, highest priority lane first; within a lane, due
 -- redeliveries (scheduled, then ack-wait expired) before new entries. Also returns
 -- entries the client must dead-letter (expired deadline, deliveries used up).
--- Reply: {status, chver, next_due, out..., last ids...} where each out item is
--- {kind, stream, id, delivery_count, header json, sequence, payload, channel}.
+-- Reply: {status, chver, next_due, out..., last ids..., claims} where each out item is
+-- {kind, stream, id, delivery_count, message} (the sequence is the id's second part,
+-- `message` the binary header + payload of wire.rs) and `claims` the group's count of
+-- ack-wait claims (see the fast ack in fast.rs).
 local g, c = ARGV[2], ARGV[3]
 local room = tonumber(ARGV[4])
 local now = tonumber(ARGV[5])
@@ -37,8 +39,7 @@ local function consider(sk, e, count, first)
     delivered = delivered + 1
     if count > 1 then redelivered = redelivered + 1 end
   end
-  out[#out + 1] = {kind, sk, e[1], count, entry_field(fields, 'h'), entry_field(fields, 'q'),
-    entry_field(fields, 'p'), string.sub(sk, #P + 4, -3)}
+  out[#out + 1] = {kind, sk, e[1], count, entry_field(fields, 'm') or ''}
 end
 local function claim(sk, id, min_idle)
   local r = redis.pcall('XCLAIM', sk, g, c, min_idle, id)
@@ -87,6 +88,9 @@ for lane = 3, 0, -1 do
           end
         else
           local e = claim(sk, id, aw)
+          -- Taken from the consumer that held it: its bulk ack must not count on
+          -- holding it any more (fast.rs).
+          redis.call('HINCRBY', gk, 'claims', 1)
           if e then
             redis.call('ZREM', sched, member)
             consider(sk, e, pending_count(sk, id), false)
@@ -134,4 +138,5 @@ if #out == 0 then
   end
 end
 reply[5] = last
+reply[6] = redis.call('HGET', gk, 'claims') or '0'
 return reply

@@ -155,3 +155,113 @@ async fn a_native_read_dead_letters_expired_entries_and_parks_delayed_ones() {
     drop(consumer);
     transport.delete_everything().await.unwrap();
 }
+
+/// The bulk ack (`ack.lua`) says only how many entries it acked, so it must not be
+/// used for a batch of which another consumer may have claimed a part: then each
+/// entry gets its own `XACK`. The batch's ack fails with `AlreadySettled` (for the
+/// entry acked elsewhere) and the rest of the batch is still acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_ack_after_a_claim_elsewhere_reports_exactly_the_entry_lost() {
+    let transport = transport().await;
+    let channel = ChannelName::new("fast.claims").unwrap();
+    let options = || {
+        SubscribeOptions::new(ChannelPattern::from(channel.clone()))
+            .group("claims")
+            .ack_wait(Duration::from_millis(200))
+    };
+    let mut slow = transport.subscribe(options().prefetch(8)).await.unwrap();
+    idle_once(&mut *slow).await;
+    for n in 1..=2u64 {
+        transport
+            .publish(Envelope::new(
+                channel.clone(),
+                "n",
+                n.to_string().into_bytes(),
+            ))
+            .await
+            .unwrap();
+    }
+    let mut held = Vec::new();
+    while held.len() < 2 {
+        let batch = tokio::time::timeout(Duration::from_secs(5), slow.next_batch(8))
+            .await
+            .expect("both messages within 5 s")
+            .unwrap();
+        held.extend(batch);
+    }
+    // The slow consumer's ack wait runs out; another member claims one of the two.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut fast = transport.subscribe(options().prefetch(1)).await.unwrap();
+    let taken = tokio::time::timeout(Duration::from_secs(5), fast.next_batch(1))
+        .await
+        .expect("a redelivery within 5 s")
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].envelope().header.attempt, 2, "a redelivery");
+    let lost = number(&taken[0]);
+    taken[0].ack().await.unwrap();
+
+    let error = ack_all(&held)
+        .await
+        .expect_err("one of the two was acked elsewhere");
+    assert_eq!(error.kind(), agentbus::ErrorKind::AlreadySettled, "{error}");
+    // The other one was acked by the slow consumer's batch: nothing is left.
+    let stats = transport.stats().await.unwrap();
+    let group = stats.groups.iter().find(|g| g.group == "claims").unwrap();
+    assert_eq!((group.pending, group.in_flight), (0, 0), "{group:?}");
+    assert_eq!(group.acked, 2, "{group:?}");
+    assert!(held.iter().any(|d| number(d) == lost));
+    drop((slow, fast));
+    transport.delete_everything().await.unwrap();
+}
+
+/// Deliveries taken while no claim happened are acked in bulk: every ack lands, and a
+/// second ack of the same entries through a new batch is refused by the library.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_ack_acks_every_entry_of_the_batch() {
+    let transport = transport().await;
+    let channel = ChannelName::new("fast.bulk").unwrap();
+    let mut consumer = transport
+        .subscribe(
+            SubscribeOptions::new(ChannelPattern::from(channel.clone()))
+                .group("bulk")
+                .prefetch(64),
+        )
+        .await
+        .unwrap();
+    idle_once(&mut *consumer).await;
+    let batch: Vec<Envelope> = (0..40u64)
+        .map(|n| {
+            Envelope::new(channel.clone(), "n", n.to_string().into_bytes()).with_priority(
+                if n % 2 == 0 {
+                    Priority::High
+                } else {
+                    Priority::Low
+                },
+            )
+        })
+        .collect();
+    for r in transport.publish_batch(batch).await {
+        r.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 40 {
+        let batch = tokio::time::timeout(Duration::from_secs(5), consumer.next_batch(64))
+            .await
+            .expect("all messages within 5 s")
+            .unwrap();
+        ack_all(&batch).await.unwrap();
+        got.extend(batch.iter().map(number));
+    }
+    got.sort_unstable();
+    assert_eq!(got, (0..40).collect::<Vec<_>>());
+    let stats = transport.stats().await.unwrap();
+    let group = stats.groups.iter().find(|g| g.group == "bulk").unwrap();
+    assert_eq!(
+        (group.acked, group.pending, group.in_flight),
+        (40, 0, 0),
+        "{group:?}"
+    );
+    drop(consumer);
+    transport.delete_everything().await.unwrap();
+}
