@@ -385,24 +385,49 @@ impl RedisTransport {
         let mut results: Vec<Option<agentbus::Result<PublishReceipt>>> =
             Vec::with_capacity(envelopes.len());
         let mut sent: Vec<(usize, MessageId, ChannelName)> = Vec::with_capacity(envelopes.len());
-        let mut inv = scripts::PUBLISH.prepare_invoke();
-        inv.arg(self.prefix());
-        let stamp =
-            |t: Option<chrono::DateTime<Utc>>| t.map_or(String::new(), |t| millis(t).to_string());
+        // Runs of messages of one channel and lane, in order (see publish.lua).
+        let mut runs: Vec<Run> = Vec::new();
         for mut envelope in envelopes {
             if let Err(e) = self.shared.limits.check(&envelope, now) {
                 results.push(Some(Err(e)));
                 continue;
             }
             envelope.header.attempt = 1;
-            inv.arg(envelope.channel.as_str())
-                .arg(envelope.header.priority.as_u8().saturating_sub(1))
-                .arg(envelope.header.id.to_string())
-                .arg(stamp(envelope.header.deadline))
-                .arg(stamp(envelope.header.not_before))
-                .arg(wire::encode(&envelope.header, &envelope.payload));
+            let lane = envelope.header.priority.as_u8().saturating_sub(1);
+            let mut id = envelope.header.id.to_string();
+            if envelope.header.deadline.is_some() || envelope.header.not_before.is_some() {
+                let stamp = |t: Option<chrono::DateTime<Utc>>| {
+                    t.map_or(String::new(), |t| millis(t).to_string())
+                };
+                id = format!(
+                    "{id}|{}|{}",
+                    stamp(envelope.header.deadline),
+                    stamp(envelope.header.not_before)
+                );
+            }
+            let message = wire::encode(&envelope.header, &envelope.payload);
+            match runs.last_mut() {
+                Some(run) if run.channel == envelope.channel && run.lane == lane => {
+                    run.messages.push((id, message));
+                }
+                _ => runs.push(Run {
+                    channel: envelope.channel.clone(),
+                    lane,
+                    messages: vec![(id, message)],
+                }),
+            }
             sent.push((results.len(), envelope.header.id, envelope.channel));
             results.push(None);
+        }
+        let mut inv = scripts::PUBLISH.prepare_invoke();
+        inv.arg(self.prefix());
+        for run in &runs {
+            inv.arg(run.channel.as_str())
+                .arg(run.lane)
+                .arg(run.messages.len());
+            for (id, message) in &run.messages {
+                inv.arg(id).arg(message);
+            }
         }
         if !sent.is_empty() {
             let reply: redis::RedisResult<Value> = inv.invoke_async(&mut self.shared.conn()).await;
@@ -629,6 +654,15 @@ pub async fn delete_prefix(
         }
         cursor = next;
     }
+}
+
+/// Consecutive messages of one channel and priority lane, sent to the publish
+/// script together: the run names the channel and lane once.
+struct Run {
+    channel: ChannelName,
+    lane: u8,
+    /// The id argument (with deadline and not-before when set) and the stored form.
+    messages: Vec<(String, Vec<u8>)>,
 }
 
 /// How many envelopes one publish script call stores.

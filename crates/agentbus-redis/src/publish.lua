@@ -1,5 +1,9 @@
--- publish: ARGV = prefix, then 6 per message: channel, lane, id, deadline_ms|'',
---          not_before_ms|'', message (the binary header + payload of wire.rs).
+-- publish: ARGV = prefix, then runs of messages of one channel and lane: channel, lane,
+--          k, then k pairs (id, message), where `message` is the binary header +
+--          payload of wire.rs and `id` the message id, followed by
+--          `|<deadline_ms>|<not_before_ms>` (either may be empty) when either is set.
+--          Two arguments per message: each argument becomes a Lua string, and fewer
+--          of them measurably cut the server's time per message.
 -- Reply: {groups, r1, r2, ...}: `groups` is a flat {channel, group count, ...} of the
 -- channels touched; ri is the sequence (a number) of a stored message, {1, seq, groups}
 -- for a duplicate, {-1, messages, bytes, max_messages, max_bytes} for a full channel.
@@ -160,9 +164,16 @@ end
 
 -- The common case (no duplicate, room left) costs one XADD (and one SET with dedup):
 -- everything else is computed once per channel per call.
-local function publish_one(ch, lane, id, dl, nb, msg)
+local function publish_one(st, ch, sk, id, msg)
+  local dl, nb = '', ''
+  if #id ~= 36 then
+    -- `id|deadline|not_before`
+    local a = string.find(id, '|', 1, true)
+    local b = string.find(id, '|', a + 1, true)
+    dl, nb = string.sub(id, a + 1, b - 1), string.sub(id, b + 1)
+    id = string.sub(id, 1, a - 1)
+  end
   local size = #msg
-  local st = states[ch] or state(ch)
   local ddk
   if st.dedup_on then
     ddk = P .. ':dd:' .. id
@@ -188,7 +199,6 @@ local function publish_one(ch, lane, id, dl, nb, msg)
     st.lastms = st.ms
     st.idp = num(st.ms) .. '-'
   end
-  local sk = st.keys[lane] or skey(ch, lane)
   local eid = st.idp .. num(seq)
   if dl == '' and nb == '' then
     redis.call('XADD', sk, eid, 'm', msg)
@@ -206,9 +216,16 @@ local function publish_one(ch, lane, id, dl, nb, msg)
 end
 
 local replies = {{}}
-for i = 2, #ARGV, 6 do
-  replies[#replies + 1] = publish_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
-    ARGV[i + 4], ARGV[i + 5])
+local i = 2
+while i <= #ARGV do
+  local ch, lane, k = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local st = states[ch] or state(ch)
+  local sk = st.keys[lane] or skey(ch, lane)
+  i = i + 3
+  for j = i, i + 2 * k - 1, 2 do
+    replies[#replies + 1] = publish_one(st, ch, sk, ARGV[j], ARGV[j + 1])
+  end
+  i = i + 2 * k
 end
 local groups = replies[1]
 for _, ch in ipairs(touched) do
