@@ -61,6 +61,10 @@ pub(crate) struct Sub {
     in_flight: Mutex<HashMap<u64, InFlight>>,
     next_token: AtomicU64,
     settled: Notify,
+    /// Deliveries of native takes not yet added to the group's `delivered` counter:
+    /// the next take or ack of this subscription adds them in its own round trip
+    /// (`crate::fast`).
+    pub(crate) unreported: AtomicU64,
 }
 
 impl fmt::Debug for Sub {
@@ -660,6 +664,7 @@ impl RedisConsumer {
             in_flight: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
             settled: Notify::new(),
+            unreported: AtomicU64::new(0),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel();
         tokio::spawn(keep_alive(sub.clone(), ephemeral, stopped));
@@ -942,6 +947,12 @@ impl Drop for RedisConsumer {
         runtime.spawn(async move {
             if let Some(take) = take {
                 let _ = take.await;
+            }
+            let unreported = sub.take_unreported();
+            if unreported > 0 {
+                let mut pipe = redis::pipe();
+                crate::fast::count_cmd(&mut pipe, &sub, "delivered", unreported as i64);
+                let _: redis::RedisResult<Value> = pipe.query_async(&mut sub.shared.conn()).await;
             }
             let mut inv = scripts::ADMIN.prepare_invoke();
             inv.arg(sub.prefix())

@@ -46,6 +46,12 @@ fn is_error(v: &Value) -> bool {
 }
 
 impl Sub {
+    /// The deliveries of native takes not yet added to the group's `delivered`
+    /// counter; the caller adds them.
+    pub(crate) fn take_unreported(&self) -> u64 {
+        self.unreported.swap(0, std::sync::atomic::Ordering::AcqRel)
+    }
+
     /// Acks held deliveries; true per entry that was acked.
     ///
     /// The common case is one `ack.lua` call: one `XACK` per stream with every id,
@@ -81,6 +87,7 @@ impl Sub {
             .key(format!("{p}:ge:{}", self.group))
             .arg(&*self.group)
             .arg(*claims)
+            .arg(self.take_unreported())
             .arg(streams.len());
         for (stream, ids) in &streams {
             inv.arg(*stream).arg(ids.len()).arg(ids);
@@ -137,6 +144,10 @@ impl Sub {
             .arg(format!("{p}:ge:{}", self.group))
             .arg(&members);
         count_cmd(&mut pipe, self, "acked", entries.len() as i64);
+        let unreported = self.take_unreported();
+        if unreported > 0 {
+            count_cmd(&mut pipe, self, "delivered", unreported as i64);
+        }
         let replies: Vec<Value> = pipe.query_async(&mut self.shared.conn()).await?;
         let done: Vec<bool> = replies
             .iter()
@@ -328,6 +339,12 @@ pub(crate) async fn run_native_take<C: ConnectionLike + Send>(
     for _ in &streams {
         read.arg(">");
     }
+    // The previous native takes' deliveries, counted in this round trip (after the
+    // read, so the replies above keep their places).
+    let unreported = sub.take_unreported();
+    if unreported > 0 {
+        count_cmd(&mut pipe, sub, "delivered", unreported as i64);
+    }
     let mut replies: Vec<Value> = pipe
         .query_async(conn)
         .await
@@ -397,7 +414,7 @@ pub(crate) async fn run_native_take<C: ConnectionLike + Send>(
         }
     }
     result.script_needed = back > 0;
-    if !park.is_empty() || delivered > 0 {
+    if !park.is_empty() {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         park_cmds(&mut pipe, sub, &streams, &park);
@@ -408,6 +425,12 @@ pub(crate) async fn run_native_take<C: ConnectionLike + Send>(
             .query_async(&mut sub.shared.conn())
             .await
             .map_err(|e| sub.shared.err("take (park)", e))?;
+    } else if delivered > 0 {
+        // Counted by the next round trip of this subscription (its next take or ack)
+        // instead of one more round trip now, which cost a busy consumer a third
+        // round trip per batch. `stats` lags by these until then.
+        sub.unreported
+            .fetch_add(delivered as u64, std::sync::atomic::Ordering::AcqRel);
     }
     // One channel name per channel of the read, not one per entry.
     let names: Vec<Option<ChannelName>> =
