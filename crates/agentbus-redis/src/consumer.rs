@@ -65,6 +65,10 @@ pub(crate) struct Sub {
     /// the next take or ack of this subscription adds them in its own round trip
     /// (`crate::fast`).
     pub(crate) unreported: AtomicU64,
+    /// The consumer's own connection for native takes and acks, once opened: acks
+    /// then never queue behind publishes on the shared connection (as a raw client's
+    /// consumer acks on its own connection). Never used for blocking waits.
+    pub(crate) reader: Mutex<Option<MultiplexedConnection>>,
 }
 
 impl fmt::Debug for Sub {
@@ -572,6 +576,8 @@ pub(crate) struct RedisConsumer {
     chver: Option<String>,
     take: Option<JoinHandle<agentbus::Result<TakeResult>>>,
     waiter: Option<MultiplexedConnection>,
+    /// The own connection of native takes (and, through `Sub::reader`, of acks).
+    reader: Option<MultiplexedConnection>,
     last_ids: Vec<(String, String)>,
     next_due: Option<i64>,
     /// When the take script last looked for deliveries whose ack wait expired.
@@ -665,6 +671,7 @@ impl RedisConsumer {
             next_token: AtomicU64::new(1),
             settled: Notify::new(),
             unreported: AtomicU64::new(0),
+            reader: Mutex::new(None),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel();
         tokio::spawn(keep_alive(sub.clone(), ephemeral, stopped));
@@ -676,6 +683,7 @@ impl RedisConsumer {
             chver: None,
             take: None,
             waiter: None,
+            reader: None,
             last_ids: Vec::new(),
             next_due: None,
             last_scan: None,
@@ -750,27 +758,53 @@ impl RedisConsumer {
         slice
     }
 
-    /// The consumer's own connection for native takes and the blocking wait (opened
-    /// on first use); `None` when it cannot be opened now.
+    /// The consumer's own connection for the blocking wait (opened on first use);
+    /// `None` when it cannot be opened now.
     async fn waiter(&mut self) -> Option<MultiplexedConnection> {
         if self.waiter.is_none() {
-            let config = AsyncConnectionConfig::new()
-                .set_response_timeout(Some(BLOCK_SLICE + self.sub.shared.options.response_timeout))
-                .set_connection_timeout(Some(self.sub.shared.options.connection_timeout));
-            match self
-                .sub
-                .shared
-                .client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-            {
-                Ok(conn) => self.waiter = Some(conn),
-                Err(e) => {
-                    tracing::warn!("redis consumer cannot open its wait connection: {e}");
-                }
-            }
+            self.waiter = self.open(BLOCK_SLICE, "wait").await;
         }
         self.waiter.clone()
+    }
+
+    /// The consumer's own connection for native takes and acks (opened on first use);
+    /// `None` when it cannot be opened now (the shared connection serves then).
+    async fn reader(&mut self) -> Option<MultiplexedConnection> {
+        if self.reader.is_some() && self.sub.reader.lock().is_none() {
+            // An ack lost it (`Sub::ack_failed`): start afresh.
+            self.reader = None;
+        }
+        if self.reader.is_none() {
+            self.reader = self.open(Duration::ZERO, "read").await;
+            self.sub.reader.lock().clone_from(&self.reader);
+        }
+        self.reader.clone()
+    }
+
+    /// Forgets the own read connection (it failed): the next take opens a new one,
+    /// and acks use the shared connection meanwhile.
+    fn drop_reader(&mut self) {
+        self.reader = None;
+        *self.sub.reader.lock() = None;
+    }
+
+    async fn open(&self, block: Duration, what: &str) -> Option<MultiplexedConnection> {
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(block + self.sub.shared.options.response_timeout))
+            .set_connection_timeout(Some(self.sub.shared.options.connection_timeout));
+        match self
+            .sub
+            .shared
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+        {
+            Ok(conn) => Some(conn),
+            Err(e) => {
+                tracing::warn!("redis consumer cannot open its {what} connection: {e}");
+                None
+            }
+        }
     }
 
     fn room(&self, max: usize) -> usize {
@@ -815,7 +849,7 @@ impl Consumer for RedisConsumer {
                 if native {
                     // Reads go over the consumer's own connection (as a raw client's
                     // consumer would), so they never queue behind other traffic.
-                    let own = self.waiter().await;
+                    let own = self.reader().await;
                     self.take_kind = TakeKind::Native;
                     self.take = Some(tokio::spawn(async move {
                         match own {
@@ -854,7 +888,7 @@ impl Consumer for RedisConsumer {
                 Err(e) => {
                     if kind != TakeKind::Script {
                         // The own connection may be broken: open a new one next time.
-                        self.waiter = None;
+                        self.drop_reader();
                     }
                     return Err(e);
                 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use agentbus::ChannelName;
 use bytes::Bytes;
 use chrono::Utc;
-use redis::aio::ConnectionLike;
+use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::Value;
 
 use crate::consumer::{sort_item, Item, ItemKind, Sub, TakeResult};
@@ -45,7 +45,58 @@ fn is_error(v: &Value) -> bool {
     matches!(v, Value::ServerError(_))
 }
 
+/// The connection acks go over: the subscription's own, or the shared one.
+pub(crate) enum AckConn {
+    Own(MultiplexedConnection),
+    Shared(ConnectionManager),
+}
+
+impl ConnectionLike for AckConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            AckConn::Own(c) => c.req_packed_command(cmd),
+            AckConn::Shared(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            AckConn::Own(c) => c.req_packed_commands(pipeline, offset, count),
+            AckConn::Shared(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            AckConn::Own(c) => c.get_db(),
+            AckConn::Shared(c) => c.get_db(),
+        }
+    }
+}
+
 impl Sub {
+    /// The consumer's own connection when it has one (see `Sub::reader`), else the
+    /// shared one.
+    pub(crate) fn ack_conn(&self) -> AckConn {
+        match &*self.reader.lock() {
+            Some(own) => AckConn::Own(own.clone()),
+            None => AckConn::Shared(self.shared.conn()),
+        }
+    }
+
+    /// After an ack failed for a lost connection, acks use the shared connection
+    /// (which reconnects by itself) until the consumer opens a new own one.
+    fn ack_failed(&self, e: &redis::RedisError) {
+        if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+            *self.reader.lock() = None;
+        }
+    }
+
     /// The deliveries of native takes not yet added to the group's `delivered`
     /// counter; the caller adds them.
     pub(crate) fn take_unreported(&self) -> u64 {
@@ -98,7 +149,10 @@ impl Sub {
                 inv.arg(format!("{stream}|{id}"));
             }
         }
-        let acked: i64 = inv.invoke_async(&mut self.shared.conn()).await?;
+        let acked: i64 = inv
+            .invoke_async(&mut self.ack_conn())
+            .await
+            .inspect_err(|e| self.ack_failed(e))?;
         Ok(match acked {
             -1 => return self.ack_each(held).await,
             n if n >= 0 && n as usize == held.len() => vec![true; held.len()],
@@ -148,7 +202,10 @@ impl Sub {
         if unreported > 0 {
             count_cmd(&mut pipe, self, "delivered", unreported as i64);
         }
-        let replies: Vec<Value> = pipe.query_async(&mut self.shared.conn()).await?;
+        let replies: Vec<Value> = pipe
+            .query_async(&mut self.ack_conn())
+            .await
+            .inspect_err(|e| self.ack_failed(e))?;
         let done: Vec<bool> = replies
             .iter()
             .take(entries.len())
@@ -159,7 +216,7 @@ impl Sub {
             // The counter assumed every ack lands; take back the ones that did not.
             let mut fix = redis::pipe();
             count_cmd(&mut fix, self, "acked", -missed);
-            let _: redis::RedisResult<Value> = fix.query_async(&mut self.shared.conn()).await;
+            let _: redis::RedisResult<Value> = fix.query_async(&mut self.ack_conn()).await;
         }
         Ok(done)
     }
