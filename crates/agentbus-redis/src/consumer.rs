@@ -8,7 +8,6 @@
 //! `XREAD BLOCK` on the group's streams, on a connection of its own, for at most
 //! [`BLOCK_SLICE`] or until the next scheduled redelivery, then takes again.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,6 +23,7 @@ use chrono::Utc;
 use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
+use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -58,7 +58,9 @@ pub(crate) struct Sub {
     pub(crate) ack_wait: Duration,
     pub(crate) max_deliveries: u32,
     prefetch: usize,
-    in_flight: Mutex<HashMap<u64, InFlight>>,
+    /// Deliveries handed out and not settled, by token (tokens are a counter, so a
+    /// fast non-cryptographic hash will do).
+    in_flight: Mutex<FxHashMap<u64, InFlight>>,
     next_token: AtomicU64,
     settled: Notify,
     /// Deliveries of native takes not yet added to the group's `delivered` counter:
@@ -246,11 +248,18 @@ impl Settler for Sub {
             }
             return results;
         }
-        // All acks: one pipeline for the whole batch.
-        let entries: Vec<agentbus::Result<InFlight>> = batch
-            .iter()
-            .map(|(token, _)| self.take_in_flight(*token))
-            .collect();
+        // All acks: one lock and one wake-up for the whole batch, one ack call.
+        let entries: Vec<agentbus::Result<InFlight>> = {
+            let mut held = self.in_flight.lock();
+            batch
+                .iter()
+                .map(|(token, _)| {
+                    held.remove(token)
+                        .ok_or_else(|| already_settled("this subscription does not hold it"))
+                })
+                .collect()
+        };
+        self.settled.notify_waiters();
         let held: Vec<(&str, &str, Option<u64>, u32)> = entries
             .iter()
             .flatten()
@@ -667,7 +676,7 @@ impl RedisConsumer {
             ack_wait,
             max_deliveries,
             prefetch: options.prefetch,
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(FxHashMap::default()),
             next_token: AtomicU64::new(1),
             settled: Notify::new(),
             unreported: AtomicU64::new(0),

@@ -132,25 +132,24 @@ impl Sub {
                 None => streams.push((stream, vec![*id])),
             }
         }
-        let mut inv = scripts::ACK.prepare_invoke();
-        inv.key(format!("{p}:g:{}", self.group))
-            .key(format!("{p}:gs:{}", self.group))
-            .key(format!("{p}:ge:{}", self.group))
+        let mut cmd = scripts::evalsha(&scripts::ACK, 3);
+        cmd.arg(format!("{p}:g:{}", self.group))
+            .arg(format!("{p}:gs:{}", self.group))
+            .arg(format!("{p}:ge:{}", self.group))
             .arg(&*self.group)
             .arg(*claims)
             .arg(self.take_unreported())
             .arg(streams.len());
         for (stream, ids) in &streams {
-            inv.arg(*stream).arg(ids.len()).arg(ids);
+            cmd.arg(*stream).arg(ids.len()).arg(ids);
         }
         for (stream, id, _, attempt) in held {
             // Only an entry delivered before can have a parked copy or a recorded error.
             if *attempt > 1 {
-                inv.arg(format!("{stream}|{id}"));
+                cmd.arg(format!("{stream}|{id}"));
             }
         }
-        let acked: i64 = inv
-            .invoke_async(&mut self.ack_conn())
+        let acked: i64 = scripts::run(&scripts::ACK, &cmd, &mut self.ack_conn())
             .await
             .inspect_err(|e| self.ack_failed(e))?;
         Ok(match acked {

@@ -385,52 +385,42 @@ impl RedisTransport {
         let mut results: Vec<Option<agentbus::Result<PublishReceipt>>> =
             Vec::with_capacity(envelopes.len());
         let mut sent: Vec<(usize, MessageId, ChannelName)> = Vec::with_capacity(envelopes.len());
-        // Runs of messages of one channel and lane, in order (see publish.lua).
-        let mut runs: Vec<Run> = Vec::new();
+        let mut accepted: Vec<Envelope> = Vec::with_capacity(envelopes.len());
         for mut envelope in envelopes {
             if let Err(e) = self.shared.limits.check(&envelope, now) {
                 results.push(Some(Err(e)));
                 continue;
             }
             envelope.header.attempt = 1;
-            let lane = envelope.header.priority.as_u8().saturating_sub(1);
-            let mut id = envelope.header.id.to_string();
-            if envelope.header.deadline.is_some() || envelope.header.not_before.is_some() {
-                let stamp = |t: Option<chrono::DateTime<Utc>>| {
-                    t.map_or(String::new(), |t| millis(t).to_string())
-                };
-                id = format!(
-                    "{id}|{}|{}",
-                    stamp(envelope.header.deadline),
-                    stamp(envelope.header.not_before)
-                );
-            }
-            let message = wire::encode(&envelope.header, &envelope.payload);
-            match runs.last_mut() {
-                Some(run) if run.channel == envelope.channel && run.lane == lane => {
-                    run.messages.push((id, message));
-                }
-                _ => runs.push(Run {
-                    channel: envelope.channel.clone(),
-                    lane,
-                    messages: vec![(id, message)],
-                }),
-            }
-            sent.push((results.len(), envelope.header.id, envelope.channel));
+            sent.push((results.len(), envelope.header.id, envelope.channel.clone()));
             results.push(None);
+            accepted.push(envelope);
         }
-        let mut inv = scripts::PUBLISH.prepare_invoke();
-        inv.arg(self.prefix());
-        for run in &runs {
-            inv.arg(run.channel.as_str())
-                .arg(run.lane)
-                .arg(run.messages.len());
-            for (id, message) in &run.messages {
-                inv.arg(id).arg(message);
+        // Runs of messages of one channel and lane, in order (see publish.lua), each
+        // message written straight into the command.
+        let mut cmd = scripts::evalsha(&scripts::PUBLISH, 0);
+        cmd.arg(self.prefix());
+        let lane = |e: &Envelope| e.header.priority.as_u8().saturating_sub(1);
+        let mut start = 0;
+        while let Some(first) = accepted.get(start) {
+            let end = accepted[start..]
+                .iter()
+                .position(|e| e.channel != first.channel || lane(e) != lane(first))
+                .map_or(accepted.len(), |n| start + n);
+            cmd.arg(first.channel.as_str())
+                .arg(lane(first))
+                .arg(end - start);
+            for envelope in &accepted[start..end] {
+                cmd.arg(IdArg(&envelope.header)).arg(wire::Stored {
+                    header: &envelope.header,
+                    payload: &envelope.payload,
+                });
             }
+            start = end;
         }
         if !sent.is_empty() {
-            let reply: redis::RedisResult<Value> = inv.invoke_async(&mut self.shared.conn()).await;
+            let reply: redis::RedisResult<Value> =
+                scripts::run(&scripts::PUBLISH, &cmd, &mut self.shared.conn()).await;
             match reply {
                 Ok(reply) => {
                     let replies = arr(&reply);
@@ -656,13 +646,28 @@ pub async fn delete_prefix(
     }
 }
 
-/// Consecutive messages of one channel and priority lane, sent to the publish
-/// script together: the run names the channel and lane once.
-struct Run {
-    channel: ChannelName,
-    lane: u8,
-    /// The id argument (with deadline and not-before when set) and the stored form.
-    messages: Vec<(String, Vec<u8>)>,
+/// The id argument of a message for the publish script: the id, followed by
+/// `|<deadline ms>|<not-before ms>` when either is set; written without a string of
+/// its own in the common case.
+struct IdArg<'a>(&'a agentbus::Header);
+
+impl redis::ToRedisArgs for IdArg<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        let mut buf = uuid::Uuid::encode_buffer();
+        let id = self.0.id.0.hyphenated().encode_lower(&mut buf);
+        if self.0.deadline.is_none() && self.0.not_before.is_none() {
+            out.write_arg(id.as_bytes());
+        } else {
+            let stamp = |t: Option<chrono::DateTime<Utc>>| {
+                t.map_or(String::new(), |t| millis(t).to_string())
+            };
+            out.write_arg_fmt(format_args!(
+                "{id}|{}|{}",
+                stamp(self.0.deadline),
+                stamp(self.0.not_before)
+            ));
+        }
+    }
 }
 
 /// How many envelopes one publish script call stores.

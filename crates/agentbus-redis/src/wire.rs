@@ -83,7 +83,54 @@ pub(crate) enum WireError {
 }
 
 /// Encodes `header` and `payload` into one stored value.
+#[cfg(test)]
 pub(crate) fn encode(header: &Header, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + header.kind.len() + payload.len());
+    encode_to(header, payload, &mut out);
+    out
+}
+
+/// The stored value of a message as a command argument, written straight into the
+/// command (no vector of its own).
+pub(crate) struct Stored<'a> {
+    /// The header.
+    pub(crate) header: &'a Header,
+    /// The payload bytes.
+    pub(crate) payload: &'a [u8],
+}
+
+impl redis::ToRedisArgs for Stored<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        let mut arg = out.writer_for_next_arg();
+        encode_to(self.header, self.payload, &mut Sink(&mut arg));
+    }
+}
+
+/// Where `encode_to` writes: a vector, or a command's argument writer (which writes
+/// into memory and cannot fail).
+trait Put {
+    fn put(&mut self, bytes: &[u8]);
+    fn byte(&mut self, b: u8) {
+        self.put(&[b]);
+    }
+}
+
+impl Put for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+struct Sink<'a, W: std::io::Write>(&'a mut W);
+
+impl<W: std::io::Write> Put for Sink<'_, W> {
+    fn put(&mut self, bytes: &[u8]) {
+        // redis-rs's argument writer appends to the command's buffer: it never fails.
+        let _ = self.0.write_all(bytes);
+    }
+}
+
+fn encode_to(header: &Header, payload: &[u8], out: &mut impl Put) {
     let mut flags = 0u16;
     let mut set = |present: bool, flag: u16| {
         if present {
@@ -102,53 +149,55 @@ pub(crate) fn encode(header: &Header, payload: &[u8]) -> Vec<u8> {
     set(!header.headers.is_empty(), F_HEADERS);
     set(header.content_type != DEFAULT_CONTENT_TYPE, F_CONTENT_TYPE);
 
-    let mut out = Vec::with_capacity(48 + header.kind.len() + payload.len());
-    out.push(VERSION);
-    out.extend_from_slice(&flags.to_le_bytes());
-    out.push(header.priority.as_u8());
-    out.extend_from_slice(header.id.0.as_bytes());
-    put_time(&mut out, header.timestamp);
-    put_varint(&mut out, u64::from(header.attempt));
-    put_str(&mut out, &header.kind);
+    // The fixed part in one write.
+    let mut fixed = [0u8; 32];
+    fixed[0] = VERSION;
+    fixed[1..3].copy_from_slice(&flags.to_le_bytes());
+    fixed[3] = header.priority.as_u8();
+    fixed[4..20].copy_from_slice(header.id.0.as_bytes());
+    fixed[20..28].copy_from_slice(&header.timestamp.timestamp().to_le_bytes());
+    fixed[28..32].copy_from_slice(&header.timestamp.timestamp_subsec_nanos().to_le_bytes());
+    out.put(&fixed);
+    put_varint(out, u64::from(header.attempt));
+    put_str(out, &header.kind);
     if let Some(c) = &header.correlation_id {
-        put_str(&mut out, c);
+        put_str(out, c);
     }
     if let Some(c) = &header.causation_id {
-        out.extend_from_slice(c.0.as_bytes());
+        out.put(c.0.as_bytes());
     }
     if let Some(s) = &header.sender {
-        put_str(&mut out, s);
+        put_str(out, s);
     }
     if let Some(r) = &header.receiver {
-        put_str(&mut out, r);
+        put_str(out, r);
     }
     if let Some(r) = &header.reply_to {
-        put_str(&mut out, r.as_str());
+        put_str(out, r.as_str());
     }
     if let Some(t) = header.deadline {
-        put_time(&mut out, t);
+        put_time(out, t);
     }
     if let Some(t) = header.not_before {
-        put_time(&mut out, t);
+        put_time(out, t);
     }
     if let Some(t) = &header.tenant {
-        put_str(&mut out, t);
+        put_str(out, t);
     }
     if let Some(t) = &header.trace {
-        put_str(&mut out, t);
+        put_str(out, t);
     }
     if !header.headers.is_empty() {
-        put_varint(&mut out, header.headers.len() as u64);
+        put_varint(out, header.headers.len() as u64);
         for (k, v) in &header.headers {
-            put_str(&mut out, k);
-            put_str(&mut out, v);
+            put_str(out, k);
+            put_str(out, v);
         }
     }
     if flags & F_CONTENT_TYPE != 0 {
-        put_str(&mut out, &header.content_type);
+        put_str(out, &header.content_type);
     }
-    out.extend_from_slice(payload);
-    out
+    out.put(payload);
 }
 
 /// Decodes a stored value into its header and payload; the payload shares `blob`'s
@@ -235,22 +284,22 @@ pub(crate) fn decode(blob: &Bytes) -> Result<(Header, Bytes), WireError> {
     ))
 }
 
-fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+fn put_varint(out: &mut impl Put, mut n: u64) {
     while n >= 0x80 {
-        out.push((n as u8 & 0x7f) | 0x80);
+        out.byte((n as u8 & 0x7f) | 0x80);
         n >>= 7;
     }
-    out.push(n as u8);
+    out.byte(n as u8);
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+fn put_str(out: &mut impl Put, s: &str) {
     put_varint(out, s.len() as u64);
-    out.extend_from_slice(s.as_bytes());
+    out.put(s.as_bytes());
 }
 
-fn put_time(out: &mut Vec<u8>, t: DateTime<Utc>) {
-    out.extend_from_slice(&t.timestamp().to_le_bytes());
-    out.extend_from_slice(&t.timestamp_subsec_nanos().to_le_bytes());
+fn put_time(out: &mut impl Put, t: DateTime<Utc>) {
+    out.put(&t.timestamp().to_le_bytes());
+    out.put(&t.timestamp_subsec_nanos().to_le_bytes());
 }
 
 /// A cursor over an entry that checks every length against what is left.
@@ -344,6 +393,24 @@ mod tests {
         assert_eq!(back, h);
         assert_eq!(&payload[..], b"payload");
         assert_eq!(payload.as_ptr(), blob[blob.len() - 7..].as_ptr(), "no copy");
+    }
+
+    #[test]
+    fn the_command_argument_is_the_encoded_message() {
+        let h = full_header();
+        let mut cmd = redis::cmd("X");
+        cmd.arg(Stored {
+            header: &h,
+            payload: b"body",
+        });
+        let args: Vec<&[u8]> = cmd
+            .args_iter()
+            .filter_map(|a| match a {
+                redis::Arg::Simple(b) => Some(b),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(args[1], &encode(&h, b"body")[..]);
     }
 
     #[test]
