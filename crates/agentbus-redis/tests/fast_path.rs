@@ -265,3 +265,89 @@ async fn a_bulk_ack_acks_every_entry_of_the_batch() {
     drop(consumer);
     transport.delete_everything().await.unwrap();
 }
+
+/// A native take's deliveries are counted by the subscription's next round trip (its
+/// next take or ack), not by one of their own: a batch held unacked shows in `stats`
+/// once the consumer takes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_is_counted_by_the_next_take_when_nothing_is_acked() {
+    let transport = transport().await;
+    let channel = ChannelName::new("fast.count").unwrap();
+    let mut consumer = transport
+        .subscribe(SubscribeOptions::new(ChannelPattern::from(channel.clone())).group("count"))
+        .await
+        .unwrap();
+    idle_once(&mut *consumer).await;
+    for n in 0..3u64 {
+        transport
+            .publish(Envelope::new(
+                channel.clone(),
+                "n",
+                n.to_string().into_bytes(),
+            ))
+            .await
+            .unwrap();
+    }
+    let mut held = Vec::new();
+    while held.len() < 3 {
+        held.extend(
+            tokio::time::timeout(Duration::from_secs(5), consumer.next_batch(8))
+                .await
+                .expect("three messages within 5 s")
+                .unwrap(),
+        );
+    }
+    // Nothing more to take: the next take finds nothing, and counts the three.
+    idle_once(&mut *consumer).await;
+    let stats = transport.stats().await.unwrap();
+    let group = stats.groups.iter().find(|g| g.group == "count").unwrap();
+    assert_eq!((group.delivered, group.acked), (3, 0), "{group:?}");
+    assert_eq!(group.in_flight, 3, "{group:?}");
+    drop((held, consumer));
+    transport.delete_everything().await.unwrap();
+}
+
+/// A channel whose lane streams already hold entries with larger ids than the
+/// server's clock gives (written before the format change, or after the clock went
+/// back) gets ids after them: publishing never fails on "ID equal or smaller".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_with_later_ids_than_the_clock_publishes_after_them() {
+    let transport = transport().await;
+    let client = redis::Client::open(url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // An entry of an older writer, far in the future, on the normal lane.
+    let stream = format!("{}:s:fast.future:1", transport.prefix());
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("99999999999999-7")
+        .arg("p")
+        .arg("old")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let channel = ChannelName::new("fast.future").unwrap();
+    let first = transport
+        .publish(Envelope::new(channel.clone(), "n", &b"1"[..]))
+        .await
+        .unwrap();
+    let second = transport
+        .publish(Envelope::new(channel.clone(), "n", &b"2"[..]).with_priority(Priority::High))
+        .await
+        .unwrap();
+    assert!(second.sequence > first.sequence, "{first:?} {second:?}");
+    let range: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = range.ids.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(
+        ids[1],
+        format!("100000000000000-{}", first.sequence),
+        "the new entry comes right after the old one's millisecond"
+    );
+    transport.delete_everything().await.unwrap();
+}
