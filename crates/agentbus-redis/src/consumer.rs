@@ -443,7 +443,7 @@ async fn run_take(
     sub: Arc<Sub>,
     channels: Arc<Vec<String>>,
     room: usize,
-    scan_expired: bool,
+    mode: ScriptMode,
 ) -> agentbus::Result<TakeResult> {
     let now = millis(Utc::now());
     let mut inv = scripts::TAKE.prepare_invoke();
@@ -454,7 +454,11 @@ async fn run_take(
         .arg(now)
         .arg(lua_ms(sub.ack_wait))
         .arg(sub.max_deliveries)
-        .arg(if scan_expired { "1" } else { "0" });
+        .arg(match mode {
+            ScriptMode::Take => "0",
+            ScriptMode::TakeAndScan => "1",
+            ScriptMode::ScanOnly => "2",
+        });
     for channel in channels.iter() {
         inv.arg(channel);
     }
@@ -596,6 +600,21 @@ pub(crate) struct RedisConsumer {
     /// A native take found work for the script (due redeliveries, entries handed
     /// back): the next take runs the script.
     script_next: bool,
+    /// A native take found nothing: the next take is a [`ScriptMode::ScanOnly`] one.
+    scan_only_next: bool,
+}
+
+/// What a script take does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ScriptMode {
+    /// Due parked entries and new entries.
+    Take,
+    /// That, and deliveries whose ack wait expired.
+    TakeAndScan,
+    /// Due parked entries and expired deliveries, but no new entries: a native take
+    /// just found none, and the next native take reads them (a script take copies
+    /// every entry through Lua, several times the cost of a native read).
+    ScanOnly,
 }
 
 /// How a take is made.
@@ -698,6 +717,7 @@ impl RedisConsumer {
             last_scan: None,
             take_kind: TakeKind::Script,
             script_next: false,
+            scan_only_next: false,
         })
     }
 
@@ -875,9 +895,20 @@ impl Consumer for RedisConsumer {
                     if scan {
                         self.last_scan = Some(Instant::now());
                     }
+                    let mode = if std::mem::take(&mut self.scan_only_next)
+                        && !self.script_next
+                        && !channels.is_empty()
+                        && channels.len() <= NATIVE_MAX_CHANNELS
+                    {
+                        ScriptMode::ScanOnly
+                    } else if scan {
+                        ScriptMode::TakeAndScan
+                    } else {
+                        ScriptMode::Take
+                    };
                     self.script_next = false;
                     self.take_kind = TakeKind::Script;
-                    self.take = Some(tokio::spawn(run_take(sub, channels, room, scan)));
+                    self.take = Some(tokio::spawn(run_take(sub, channels, room, mode)));
                 }
             }
             let Some(handle) = self.take.as_mut() else {
@@ -957,8 +988,10 @@ impl Consumer for RedisConsumer {
             }
             if kind == TakeKind::Native {
                 // Nothing new: before waiting, a script take looks for expired
-                // deliveries and due redeliveries, and returns where to wait from.
+                // deliveries and due redeliveries (but leaves new entries to the next
+                // native take), and returns where to wait from.
                 self.last_scan = None;
+                self.scan_only_next = true;
                 continue;
             }
             self.last_ids = result.last_ids;
