@@ -7,6 +7,7 @@
 -- Reply: {groups, r1, r2, ...}: `groups` is a flat {channel, group count, ...} of the
 -- channels touched; ri is the sequence (a number) of a stored message, {1, seq, groups}
 -- for a duplicate, {-1, messages, bytes, max_messages, max_bytes} for a full channel.
+-- An error reply when an XADD failed (the counters are still written back first).
 -- Each entry gets the explicit stream id `<ms>-<seq>`: `seq` is the channel sequence and
 -- `ms` never goes back within the channel (the server's TIME, or the channel's last `ms`
 -- if that is later), so ids increase across all four lanes of a channel together and the
@@ -164,6 +165,18 @@ end
 
 -- The common case (no duplicate, room left) costs one XADD (and one SET with dedup):
 -- everything else is computed once per channel per call.
+local function xadd(sk, eid, msg, dl, nb)
+  if dl == '' and nb == '' then
+    redis.call('XADD', sk, eid, 'm', msg)
+  elseif nb == '' then
+    redis.call('XADD', sk, eid, 'm', msg, 'd', dl)
+  elseif dl == '' then
+    redis.call('XADD', sk, eid, 'm', msg, 'n', nb)
+  else
+    redis.call('XADD', sk, eid, 'm', msg, 'd', dl, 'n', nb)
+  end
+end
+
 local function publish_one(st, ch, sk, id, msg)
   local dl, nb = '', ''
   if #id ~= 36 then
@@ -199,15 +212,14 @@ local function publish_one(st, ch, sk, id, msg)
     st.lastms = st.ms
     st.idp = num(st.ms) .. '-'
   end
-  local eid = st.idp .. num(seq)
-  if dl == '' and nb == '' then
-    redis.call('XADD', sk, eid, 'm', msg)
-  elseif nb == '' then
-    redis.call('XADD', sk, eid, 'm', msg, 'd', dl)
-  elseif dl == '' then
-    redis.call('XADD', sk, eid, 'm', msg, 'n', nb)
-  else
-    redis.call('XADD', sk, eid, 'm', msg, 'd', dl, 'n', nb)
+  local ok, err = pcall(xadd, sk, st.idp .. num(seq), msg, dl, nb)
+  if not ok then
+    -- Storing failed (e.g. the server is out of memory): take the sequence back; the
+    -- caller stops and writes the counters back before failing, so a sequence is
+    -- never given to two messages. (The dedup key is set only after storing: a retry
+    -- is not taken for a duplicate of a message never stored.)
+    st.seq, st.count, st.bytes = seq - 1, st.count - 1, st.bytes - size
+    return {err = type(err) == 'table' and err.err or tostring(err)}
   end
   if ddk then
     redis.call('SET', ddk, seq .. ':' .. st.ngroups, 'PX', st.dedup)
@@ -216,6 +228,7 @@ local function publish_one(st, ch, sk, id, msg)
 end
 
 local replies = {{}}
+local failure = nil
 local i = 2
 while i <= #ARGV do
   local ch, lane, k = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
@@ -223,8 +236,11 @@ while i <= #ARGV do
   local sk = st.keys[lane] or skey(ch, lane)
   i = i + 3
   for j = i, i + 2 * k - 1, 2 do
-    replies[#replies + 1] = publish_one(st, ch, sk, ARGV[j], ARGV[j + 1])
+    local r = publish_one(st, ch, sk, ARGV[j], ARGV[j + 1])
+    if type(r) == 'table' and r.err then failure = r break end
+    replies[#replies + 1] = r
   end
+  if failure then break end
   i = i + 2 * k
 end
 local groups = replies[1]
@@ -236,4 +252,7 @@ for _, ch in ipairs(touched) do
   groups[#groups + 1] = ch
   groups[#groups + 1] = st.ngroups
 end
+-- After the counters are written: the messages before the failure are stored, which
+-- a failed publish allows ("may or may not have been stored").
+if failure then return failure end
 return replies

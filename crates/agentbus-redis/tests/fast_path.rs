@@ -351,3 +351,48 @@ async fn a_channel_with_later_ids_than_the_clock_publishes_after_them() {
     );
     transport.delete_everything().await.unwrap();
 }
+
+/// A publish whose `XADD` fails fails as a whole and gives back the sequence it took
+/// (the counters are written back before the script fails): publishing the same
+/// message again stores it — it is no duplicate of a message never stored — with the
+/// next sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_store_gives_back_its_sequence() {
+    let transport = transport().await;
+    let client = redis::Client::open(url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let channel = ChannelName::new("fast.broken").unwrap();
+    let first = transport
+        .publish(Envelope::new(channel.clone(), "n", &b"1"[..]))
+        .await
+        .unwrap();
+    // The normal lane's stream is replaced by a string: every XADD to it fails.
+    let stream = format!("{}:s:fast.broken:1", transport.prefix());
+    let _: () = redis::cmd("SET")
+        .arg(&stream)
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // The first of the batch goes to another lane and is stored; the second fails.
+    let stored = Envelope::new(channel.clone(), "n", &b"2"[..]).with_priority(Priority::High);
+    let again = Envelope::new(channel.clone(), "n", &b"3"[..]);
+    let id = again.header.id;
+    let results = transport.publish_batch(vec![stored, again.clone()]).await;
+    assert!(results.iter().all(Result::is_err), "{results:?}");
+
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let receipt = transport.publish(again).await.unwrap();
+    assert_eq!(receipt.id, id);
+    assert!(!receipt.duplicate, "it was never stored: {receipt:?}");
+    assert_eq!(
+        receipt.sequence,
+        first.sequence + 2,
+        "after the one stored before the failure: {first:?} {receipt:?}"
+    );
+    transport.delete_everything().await.unwrap();
+}
