@@ -177,6 +177,9 @@ local function xadd(sk, eid, msg, dl, nb)
   end
 end
 
+-- The message whose XADD is under way: if it fails, its counts are taken back.
+local storing = nil
+
 local function publish_one(st, ch, sk, id, msg)
   local dl, nb = '', ''
   if #id ~= 36 then
@@ -212,15 +215,9 @@ local function publish_one(st, ch, sk, id, msg)
     st.lastms = st.ms
     st.idp = num(st.ms) .. '-'
   end
-  local ok, err = pcall(xadd, sk, st.idp .. num(seq), msg, dl, nb)
-  if not ok then
-    -- Storing failed (e.g. the server is out of memory): take the sequence back; the
-    -- caller stops and writes the counters back before failing, so a sequence is
-    -- never given to two messages. (The dedup key is set only after storing: a retry
-    -- is not taken for a duplicate of a message never stored.)
-    st.seq, st.count, st.bytes = seq - 1, st.count - 1, st.bytes - size
-    return {err = type(err) == 'table' and err.err or tostring(err)}
-  end
+  storing = {st, size}
+  xadd(sk, st.idp .. num(seq), msg, dl, nb)
+  storing = nil
   if ddk then
     redis.call('SET', ddk, seq .. ':' .. st.ngroups, 'PX', st.dedup)
   end
@@ -228,20 +225,28 @@ local function publish_one(st, ch, sk, id, msg)
 end
 
 local replies = {{}}
-local failure = nil
-local i = 2
-while i <= #ARGV do
-  local ch, lane, k = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local st = states[ch] or state(ch)
-  local sk = st.keys[lane] or skey(ch, lane)
-  i = i + 3
-  for j = i, i + 2 * k - 1, 2 do
-    local r = publish_one(st, ch, sk, ARGV[j], ARGV[j + 1])
-    if type(r) == 'table' and r.err then failure = r break end
-    replies[#replies + 1] = r
+local function publish_all()
+  local i = 2
+  while i <= #ARGV do
+    local ch, lane, k = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+    local st = states[ch] or state(ch)
+    local sk = st.keys[lane] or skey(ch, lane)
+    i = i + 3
+    for j = i, i + 2 * k - 1, 2 do
+      replies[#replies + 1] = publish_one(st, ch, sk, ARGV[j], ARGV[j + 1])
+    end
+    i = i + 2 * k
   end
-  if failure then break end
-  i = i + 2 * k
+end
+-- A command that fails (e.g. XADD when the server is out of memory) ends the call, but
+-- only after the counters are written back: the messages stored before it keep their
+-- sequences, and no later publish reuses one. (The dedup key of a message is set only
+-- after it is stored, so a retry is never taken for a duplicate of a message that was
+-- not stored.)
+local ok, failure = pcall(publish_all)
+if not ok and storing then
+  local st, size = storing[1], storing[2]
+  st.seq, st.count, st.bytes = st.seq - 1, st.count - 1, st.bytes - size
 end
 local groups = replies[1]
 for _, ch in ipairs(touched) do
@@ -252,7 +257,9 @@ for _, ch in ipairs(touched) do
   groups[#groups + 1] = ch
   groups[#groups + 1] = st.ngroups
 end
--- After the counters are written: the messages before the failure are stored, which
--- a failed publish allows ("may or may not have been stored").
-if failure then return failure end
+-- The messages before the failure are stored, which a failed publish allows ("may or
+-- may not have been stored").
+if not ok then
+  return redis.error_reply(type(failure) == 'table' and failure.err or tostring(failure))
+end
 return replies
