@@ -8,7 +8,6 @@
 //! `XREAD BLOCK` on the group's streams, on a connection of its own, for at most
 //! [`BLOCK_SLICE`] or until the next scheduled redelivery, then takes again.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use agentbus::{
     ChannelName, ChannelPattern, Consumer, DeadLetter, DeadReason, Delivery, Envelope, Error,
-    ErrorKind, Header, MessageId, Settlement, Settler, SubscribeOptions,
+    ErrorKind, MessageId, Settlement, Settler, SubscribeOptions,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -24,12 +23,13 @@ use chrono::Utc;
 use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
+use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::fast::{run_native_take, NATIVE_MAX_CHANNELS};
 use crate::util::{arr, bytes, int, lua_ms, millis, text};
-use crate::{scripts, start_args, Shared};
+use crate::{scripts, start_args, wire, Shared};
 
 /// The longest a waiting consumer blocks before it looks again for new channels,
 /// ack-wait expiries and due redeliveries.
@@ -42,9 +42,12 @@ const SCAN_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct InFlight {
-    stream: String,
+    stream: Arc<str>,
     id: String,
     envelope: Arc<Envelope>,
+    /// The group's `claims` counter when it was taken (see `Sub::ack_held`); `None`
+    /// when unknown, which makes its ack go entry by entry.
+    claims: Option<u64>,
 }
 
 /// What one subscription shares with its deliveries: settles go through here.
@@ -55,9 +58,19 @@ pub(crate) struct Sub {
     pub(crate) ack_wait: Duration,
     pub(crate) max_deliveries: u32,
     prefetch: usize,
-    in_flight: Mutex<HashMap<u64, InFlight>>,
+    /// Deliveries handed out and not settled, by token (tokens are a counter, so a
+    /// fast non-cryptographic hash will do).
+    in_flight: Mutex<FxHashMap<u64, InFlight>>,
     next_token: AtomicU64,
     settled: Notify,
+    /// Deliveries of native takes not yet added to the group's `delivered` counter:
+    /// the next take or ack of this subscription adds them in its own round trip
+    /// (`crate::fast`).
+    pub(crate) unreported: AtomicU64,
+    /// The consumer's own connection for native takes and acks, once opened: acks
+    /// then never queue behind publishes on the shared connection (as a raw client's
+    /// consumer acks on its own connection). Never used for blocking waits.
+    pub(crate) reader: Mutex<Option<MultiplexedConnection>>,
 }
 
 impl fmt::Debug for Sub {
@@ -156,7 +169,7 @@ impl Settler for Sub {
         match settlement {
             Settlement::Ack => {
                 let done = self
-                    .ack_entries(&[(entry.stream.as_str(), entry.id.as_str())])
+                    .ack_held(&[(&*entry.stream, entry.id.as_str(), entry.claims, attempt)])
                     .await
                     .map_err(|e| self.shared.err("XACK", e))?;
                 if done.first() != Some(&true) {
@@ -194,7 +207,7 @@ impl Settler for Sub {
                 inv.arg(self.prefix())
                     .arg(&*self.group)
                     .arg("nack")
-                    .arg(&entry.stream)
+                    .arg(&*entry.stream)
                     .arg(&entry.id)
                     .arg(due)
                     .arg(error.unwrap_or_default());
@@ -235,17 +248,31 @@ impl Settler for Sub {
             }
             return results;
         }
-        // All acks: one pipeline for the whole batch.
-        let entries: Vec<agentbus::Result<InFlight>> = batch
-            .iter()
-            .map(|(token, _)| self.take_in_flight(*token))
-            .collect();
-        let pairs: Vec<(&str, &str)> = entries
+        // All acks: one lock and one wake-up for the whole batch, one ack call.
+        let entries: Vec<agentbus::Result<InFlight>> = {
+            let mut held = self.in_flight.lock();
+            batch
+                .iter()
+                .map(|(token, _)| {
+                    held.remove(token)
+                        .ok_or_else(|| already_settled("this subscription does not hold it"))
+                })
+                .collect()
+        };
+        self.settled.notify_waiters();
+        let held: Vec<(&str, &str, Option<u64>, u32)> = entries
             .iter()
             .flatten()
-            .map(|e| (e.stream.as_str(), e.id.as_str()))
+            .map(|e| {
+                (
+                    &*e.stream,
+                    e.id.as_str(),
+                    e.claims,
+                    e.envelope.header.attempt,
+                )
+            })
             .collect();
-        let done = self.ack_entries(&pairs).await;
+        let done = self.ack_held(&held).await;
         let mut done = match done {
             Ok(done) => done.into_iter(),
             Err(e) => {
@@ -275,7 +302,7 @@ impl Settler for Sub {
 
 /// One item handed out by the take script.
 pub(crate) struct Taken {
-    pub(crate) stream: String,
+    pub(crate) stream: Arc<str>,
     pub(crate) id: String,
     pub(crate) count: u32,
     pub(crate) sequence: u64,
@@ -294,6 +321,8 @@ pub(crate) struct TakeResult {
     /// A native take found work only the script does (due redeliveries, a group it
     /// cannot read): take with the script next, without waiting.
     pub(crate) script_needed: bool,
+    /// The group's `claims` counter read with the take (see `Sub::ack_held`).
+    pub(crate) claims: Option<u64>,
 }
 
 /// What the take script (or a native read) says to do with an entry now held by
@@ -309,51 +338,61 @@ pub(crate) enum ItemKind {
 }
 
 /// One stream entry as read from the server, before it becomes an envelope.
-pub(crate) struct Item<'a> {
-    pub(crate) stream: String,
+pub(crate) struct Item {
+    pub(crate) stream: Arc<str>,
     pub(crate) id: String,
     pub(crate) count: u32,
-    pub(crate) header: Option<&'a [u8]>,
-    pub(crate) sequence: u64,
-    pub(crate) payload: Bytes,
-    pub(crate) channel: String,
+    /// The `m` field: binary header and payload (`crate::wire`).
+    pub(crate) message: Option<Bytes>,
+    /// The channel of the stream; `None` when its name is not a valid channel.
+    pub(crate) channel: Option<ChannelName>,
+}
+
+/// The channel sequence of an entry: the second part of its id `<ms>-<seq>`, which
+/// the publish script sets (`publish.lua`).
+fn sequence_of(id: &str) -> u64 {
+    id.split_once('-')
+        .and_then(|(_, seq)| seq.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Turns an entry into a delivery (pushed on `deliver`) or writes its dead letter.
 pub(crate) async fn sort_item(
     sub: &Sub,
     kind: ItemKind,
-    item: Item<'_>,
+    item: Item,
     deliver: &mut Vec<Taken>,
 ) -> agentbus::Result<()> {
     let Item {
         stream,
         id,
         count,
-        header,
-        sequence,
-        payload,
+        message,
         channel,
     } = item;
-    let header = header.map(serde_json::from_slice::<Header>);
-    let envelope = match (header, ChannelName::new(channel)) {
-        (Some(Ok(header)), Ok(channel)) => Envelope {
+    let decoded = message
+        .as_ref()
+        .ok_or(wire::WireError::Empty)
+        .and_then(wire::decode);
+    let envelope = match (decoded, channel) {
+        (Ok((header, payload)), Some(channel)) => Envelope {
             channel,
             header,
             payload,
         },
-        other => {
-            // Not written by agentbus (or damaged): it cannot be delivered or
-            // dead-lettered as an envelope. Ack it away loudly.
+        (decoded, _) => {
+            // Not written by this version of agentbus (or damaged): it cannot be
+            // delivered or dead-lettered as an envelope. Ack it away loudly.
             tracing::error!(
                 stream = %stream, entry = %id,
-                "dropping a stream entry that is not an agentbus message: {:?}",
-                other.0.map(|r| r.err())
+                "dropping a stream entry that is not an agentbus message: {}",
+                decoded.err().map_or_else(|| "its stream is not a channel".to_string(), |e| e.to_string())
             );
-            let _ = sub.ack_entries(&[(stream.as_str(), id.as_str())]).await;
+            let _ = sub.ack_entries(&[(&*stream, id.as_str())]).await;
             return Ok(());
         }
     };
+    let sequence = sequence_of(&id);
     match kind {
         ItemKind::Deliver => deliver.push(Taken {
             stream,
@@ -404,7 +443,7 @@ async fn run_take(
     sub: Arc<Sub>,
     channels: Arc<Vec<String>>,
     room: usize,
-    scan_expired: bool,
+    mode: ScriptMode,
 ) -> agentbus::Result<TakeResult> {
     let now = millis(Utc::now());
     let mut inv = scripts::TAKE.prepare_invoke();
@@ -415,7 +454,11 @@ async fn run_take(
         .arg(now)
         .arg(lua_ms(sub.ack_wait))
         .arg(sub.max_deliveries)
-        .arg(if scan_expired { "1" } else { "0" });
+        .arg(match mode {
+            ScriptMode::Take => "0",
+            ScriptMode::TakeAndScan => "1",
+            ScriptMode::ScanOnly => "2",
+        });
     for channel in channels.iter() {
         inv.arg(channel);
     }
@@ -432,6 +475,7 @@ async fn run_take(
             deliver: Vec::new(),
             last_ids: Vec::new(),
             script_needed: false,
+            claims: None,
         });
     }
     let chver = parts.get(1).map(text).unwrap_or_default();
@@ -441,19 +485,32 @@ async fn run_take(
         .and_then(|t| t.parse::<f64>().ok())
         .map(|f| f as i64);
     let mut deliver = Vec::new();
+    // Stream name → channel, resolved once per stream.
+    let mut names: Vec<(Arc<str>, Option<ChannelName>)> = Vec::new();
+    let prefix_len = sub.prefix().len() + 3;
     for item in parts.get(3).map(arr).unwrap_or(&[]) {
         let fields = arr(item);
-        if fields.len() < 8 {
+        if fields.len() < 5 {
             continue;
         }
+        let stream_bytes = bytes(&fields[1]).unwrap_or_default();
+        let (stream, channel) = match names.iter().find(|(s, _)| s.as_bytes() == stream_bytes) {
+            Some((s, c)) => (s.clone(), c.clone()),
+            None => {
+                let stream: Arc<str> = Arc::from(text(&fields[1]));
+                let channel = stream
+                    .get(prefix_len..stream.len().saturating_sub(2))
+                    .and_then(|c| ChannelName::new(c).ok());
+                names.push((stream.clone(), channel.clone()));
+                (stream, channel)
+            }
+        };
         let item = Item {
-            stream: text(&fields[1]),
+            stream,
             id: text(&fields[2]),
             count: int(&fields[3]).max(0) as u32,
-            header: bytes(&fields[4]),
-            sequence: int(&fields[5]).max(0) as u64,
-            payload: Bytes::copy_from_slice(bytes(&fields[6]).unwrap_or_default()),
-            channel: text(&fields[7]),
+            message: bytes(&fields[4]).map(Bytes::copy_from_slice),
+            channel,
         };
         let kind = match text(&fields[0]).as_str() {
             "deliver" => ItemKind::Deliver,
@@ -477,6 +534,7 @@ async fn run_take(
         deliver,
         last_ids,
         script_needed: false,
+        claims: parts.get(5).and_then(|c| text(c).parse().ok()),
     })
 }
 
@@ -531,6 +589,8 @@ pub(crate) struct RedisConsumer {
     chver: Option<String>,
     take: Option<JoinHandle<agentbus::Result<TakeResult>>>,
     waiter: Option<MultiplexedConnection>,
+    /// The own connection of native takes (and, through `Sub::reader`, of acks).
+    reader: Option<MultiplexedConnection>,
     last_ids: Vec<(String, String)>,
     next_due: Option<i64>,
     /// When the take script last looked for deliveries whose ack wait expired.
@@ -540,6 +600,21 @@ pub(crate) struct RedisConsumer {
     /// A native take found work for the script (due redeliveries, entries handed
     /// back): the next take runs the script.
     script_next: bool,
+    /// A native take found nothing: the next take is a [`ScriptMode::ScanOnly`] one.
+    scan_only_next: bool,
+}
+
+/// What a script take does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ScriptMode {
+    /// Due parked entries and new entries.
+    Take,
+    /// That, and deliveries whose ack wait expired.
+    TakeAndScan,
+    /// Due parked entries and expired deliveries, but no new entries: a native take
+    /// just found none, and the next native take reads them (a script take copies
+    /// every entry through Lua, several times the cost of a native read).
+    ScanOnly,
 }
 
 /// How a take is made.
@@ -620,9 +695,11 @@ impl RedisConsumer {
             ack_wait,
             max_deliveries,
             prefetch: options.prefetch,
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(FxHashMap::default()),
             next_token: AtomicU64::new(1),
             settled: Notify::new(),
+            unreported: AtomicU64::new(0),
+            reader: Mutex::new(None),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel();
         tokio::spawn(keep_alive(sub.clone(), ephemeral, stopped));
@@ -634,11 +711,13 @@ impl RedisConsumer {
             chver: None,
             take: None,
             waiter: None,
+            reader: None,
             last_ids: Vec::new(),
             next_due: None,
             last_scan: None,
             take_kind: TakeKind::Script,
             script_next: false,
+            scan_only_next: false,
         })
     }
 
@@ -708,27 +787,53 @@ impl RedisConsumer {
         slice
     }
 
-    /// The consumer's own connection for native takes and the blocking wait (opened
-    /// on first use); `None` when it cannot be opened now.
+    /// The consumer's own connection for the blocking wait (opened on first use);
+    /// `None` when it cannot be opened now.
     async fn waiter(&mut self) -> Option<MultiplexedConnection> {
         if self.waiter.is_none() {
-            let config = AsyncConnectionConfig::new()
-                .set_response_timeout(Some(BLOCK_SLICE + self.sub.shared.options.response_timeout))
-                .set_connection_timeout(Some(self.sub.shared.options.connection_timeout));
-            match self
-                .sub
-                .shared
-                .client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-            {
-                Ok(conn) => self.waiter = Some(conn),
-                Err(e) => {
-                    tracing::warn!("redis consumer cannot open its wait connection: {e}");
-                }
-            }
+            self.waiter = self.open(BLOCK_SLICE, "wait").await;
         }
         self.waiter.clone()
+    }
+
+    /// The consumer's own connection for native takes and acks (opened on first use);
+    /// `None` when it cannot be opened now (the shared connection serves then).
+    async fn reader(&mut self) -> Option<MultiplexedConnection> {
+        if self.reader.is_some() && self.sub.reader.lock().is_none() {
+            // An ack lost it (`Sub::ack_failed`): start afresh.
+            self.reader = None;
+        }
+        if self.reader.is_none() {
+            self.reader = self.open(Duration::ZERO, "read").await;
+            self.sub.reader.lock().clone_from(&self.reader);
+        }
+        self.reader.clone()
+    }
+
+    /// Forgets the own read connection (it failed): the next take opens a new one,
+    /// and acks use the shared connection meanwhile.
+    fn drop_reader(&mut self) {
+        self.reader = None;
+        *self.sub.reader.lock() = None;
+    }
+
+    async fn open(&self, block: Duration, what: &str) -> Option<MultiplexedConnection> {
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(block + self.sub.shared.options.response_timeout))
+            .set_connection_timeout(Some(self.sub.shared.options.connection_timeout));
+        match self
+            .sub
+            .shared
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+        {
+            Ok(conn) => Some(conn),
+            Err(e) => {
+                tracing::warn!("redis consumer cannot open its {what} connection: {e}");
+                None
+            }
+        }
     }
 
     fn room(&self, max: usize) -> usize {
@@ -773,7 +878,7 @@ impl Consumer for RedisConsumer {
                 if native {
                     // Reads go over the consumer's own connection (as a raw client's
                     // consumer would), so they never queue behind other traffic.
-                    let own = self.waiter().await;
+                    let own = self.reader().await;
                     self.take_kind = TakeKind::Native;
                     self.take = Some(tokio::spawn(async move {
                         match own {
@@ -790,9 +895,20 @@ impl Consumer for RedisConsumer {
                     if scan {
                         self.last_scan = Some(Instant::now());
                     }
+                    let mode = if std::mem::take(&mut self.scan_only_next)
+                        && !self.script_next
+                        && !channels.is_empty()
+                        && channels.len() <= NATIVE_MAX_CHANNELS
+                    {
+                        ScriptMode::ScanOnly
+                    } else if scan {
+                        ScriptMode::TakeAndScan
+                    } else {
+                        ScriptMode::Take
+                    };
                     self.script_next = false;
                     self.take_kind = TakeKind::Script;
-                    self.take = Some(tokio::spawn(run_take(sub, channels, room, scan)));
+                    self.take = Some(tokio::spawn(run_take(sub, channels, room, mode)));
                 }
             }
             let Some(handle) = self.take.as_mut() else {
@@ -812,7 +928,7 @@ impl Consumer for RedisConsumer {
                 Err(e) => {
                     if kind != TakeKind::Script {
                         // The own connection may be broken: open a new one next time.
-                        self.waiter = None;
+                        self.drop_reader();
                     }
                     return Err(e);
                 }
@@ -828,6 +944,7 @@ impl Consumer for RedisConsumer {
                 ));
             }
             let channels_changed = self.chver.as_deref() != Some(result.chver.as_str());
+            let claims = result.claims;
             self.next_due = result.next_due;
             self.script_next |= result.script_needed;
             if !result.deliver.is_empty() {
@@ -845,6 +962,7 @@ impl Consumer for RedisConsumer {
                             stream: taken.stream,
                             id: taken.id,
                             envelope: envelope.clone(),
+                            claims,
                         },
                     );
                     out.push(Delivery::new(
@@ -870,8 +988,10 @@ impl Consumer for RedisConsumer {
             }
             if kind == TakeKind::Native {
                 // Nothing new: before waiting, a script take looks for expired
-                // deliveries and due redeliveries, and returns where to wait from.
+                // deliveries and due redeliveries (but leaves new entries to the next
+                // native take), and returns where to wait from.
                 self.last_scan = None;
+                self.scan_only_next = true;
                 continue;
             }
             self.last_ids = result.last_ids;
@@ -903,6 +1023,12 @@ impl Drop for RedisConsumer {
         runtime.spawn(async move {
             if let Some(take) = take {
                 let _ = take.await;
+            }
+            let unreported = sub.take_unreported();
+            if unreported > 0 {
+                let mut pipe = redis::pipe();
+                crate::fast::count_cmd(&mut pipe, &sub, "delivered", unreported as i64);
+                let _: redis::RedisResult<Value> = pipe.query_async(&mut sub.shared.conn()).await;
             }
             let mut inv = scripts::ADMIN.prepare_invoke();
             inv.arg(sub.prefix())

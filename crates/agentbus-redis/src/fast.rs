@@ -7,13 +7,17 @@
 //! several keys — redeliveries, ack-wait expiry, delayed entries becoming due, dead
 //! letters — and a native take hands over to the script whenever it sees such work.
 
+use std::sync::Arc;
+
+use agentbus::ChannelName;
 use bytes::Bytes;
 use chrono::Utc;
-use redis::aio::ConnectionLike;
+use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::Value;
 
 use crate::consumer::{sort_item, Item, ItemKind, Sub, TakeResult};
-use crate::util::{arr, int, millis, text};
+use crate::scripts;
+use crate::util::{arr, bytes, int, millis, text};
 
 /// Adds to a group counter only while the group exists (a plain `HINCRBY` would
 /// recreate the hash of a group deleted meanwhile). Tiny, so `EVAL` by body is cheap
@@ -41,7 +45,130 @@ fn is_error(v: &Value) -> bool {
     matches!(v, Value::ServerError(_))
 }
 
+/// The connection acks go over: the subscription's own, or the shared one.
+pub(crate) enum AckConn {
+    Own(MultiplexedConnection),
+    Shared(ConnectionManager),
+}
+
+impl ConnectionLike for AckConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            AckConn::Own(c) => c.req_packed_command(cmd),
+            AckConn::Shared(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            AckConn::Own(c) => c.req_packed_commands(pipeline, offset, count),
+            AckConn::Shared(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            AckConn::Own(c) => c.get_db(),
+            AckConn::Shared(c) => c.get_db(),
+        }
+    }
+}
+
 impl Sub {
+    /// The consumer's own connection when it has one (see `Sub::reader`), else the
+    /// shared one.
+    pub(crate) fn ack_conn(&self) -> AckConn {
+        match &*self.reader.lock() {
+            Some(own) => AckConn::Own(own.clone()),
+            None => AckConn::Shared(self.shared.conn()),
+        }
+    }
+
+    /// After an ack failed for a lost connection, acks use the shared connection
+    /// (which reconnects by itself) until the consumer opens a new own one.
+    fn ack_failed(&self, e: &redis::RedisError) {
+        if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+            *self.reader.lock() = None;
+        }
+    }
+
+    /// The deliveries of native takes not yet added to the group's `delivered`
+    /// counter; the caller adds them.
+    pub(crate) fn take_unreported(&self) -> u64 {
+        self.unreported.swap(0, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Acks held deliveries; true per entry that was acked.
+    ///
+    /// The common case is one `ack.lua` call: one `XACK` per stream with every id,
+    /// the clean-up of parked copies and recorded errors for entries delivered before,
+    /// and the `acked` counter. A bulk `XACK` only says how many entries it acked, not
+    /// which, so it is used only while no entry of the batch can have been taken over
+    /// by another consumer: the script first checks that the group's `claims` counter
+    /// (bumped by the take script for every ack-wait claim) still has the value it had
+    /// when the deliveries were taken. Otherwise — and for deliveries taken at
+    /// different counter values — every entry gets its own `XACK`
+    /// ([`Sub::ack_entries`]), whose reply tells an entry settled elsewhere.
+    pub(crate) async fn ack_held(
+        &self,
+        held: &[(&str, &str, Option<u64>, u32)],
+    ) -> redis::RedisResult<Vec<bool>> {
+        let Some((_, _, Some(claims), _)) = held.first() else {
+            return self.ack_each(held).await;
+        };
+        if held.iter().any(|(_, _, c, _)| *c != Some(*claims)) {
+            return self.ack_each(held).await;
+        }
+        let p = self.prefix();
+        let mut streams: Vec<(&str, Vec<&str>)> = Vec::new();
+        for (stream, id, _, _) in held {
+            match streams.iter_mut().find(|(s, _)| s == stream) {
+                Some((_, ids)) => ids.push(id),
+                None => streams.push((stream, vec![*id])),
+            }
+        }
+        let mut cmd = scripts::evalsha(&scripts::ACK, 3);
+        cmd.arg(format!("{p}:g:{}", self.group))
+            .arg(format!("{p}:gs:{}", self.group))
+            .arg(format!("{p}:ge:{}", self.group))
+            .arg(&*self.group)
+            .arg(*claims)
+            .arg(self.take_unreported())
+            .arg(streams.len());
+        for (stream, ids) in &streams {
+            cmd.arg(*stream).arg(ids.len()).arg(ids);
+        }
+        for (stream, id, _, attempt) in held {
+            // Only an entry delivered before can have a parked copy or a recorded error.
+            if *attempt > 1 {
+                cmd.arg(format!("{stream}|{id}"));
+            }
+        }
+        let acked: i64 = scripts::run(&scripts::ACK, &cmd, &mut self.ack_conn())
+            .await
+            .inspect_err(|e| self.ack_failed(e))?;
+        Ok(match acked {
+            -1 => return self.ack_each(held).await,
+            n if n >= 0 && n as usize == held.len() => vec![true; held.len()],
+            // The group is gone, or was deleted and made again (its pending list no
+            // longer holds these deliveries): none of them is held any more.
+            _ => vec![false; held.len()],
+        })
+    }
+
+    async fn ack_each(
+        &self,
+        held: &[(&str, &str, Option<u64>, u32)],
+    ) -> redis::RedisResult<Vec<bool>> {
+        let pairs: Vec<(&str, &str)> = held.iter().map(|(s, id, _, _)| (*s, *id)).collect();
+        self.ack_entries(&pairs).await
+    }
+
     /// Acks entries with one pipelined `XACK` each (its reply says whether the entry
     /// was still pending), removes parked copies and recorded errors, and counts the
     /// acks. True per entry that was acked.
@@ -70,7 +197,14 @@ impl Sub {
             .arg(format!("{p}:ge:{}", self.group))
             .arg(&members);
         count_cmd(&mut pipe, self, "acked", entries.len() as i64);
-        let replies: Vec<Value> = pipe.query_async(&mut self.shared.conn()).await?;
+        let unreported = self.take_unreported();
+        if unreported > 0 {
+            count_cmd(&mut pipe, self, "delivered", unreported as i64);
+        }
+        let replies: Vec<Value> = pipe
+            .query_async(&mut self.ack_conn())
+            .await
+            .inspect_err(|e| self.ack_failed(e))?;
         let done: Vec<bool> = replies
             .iter()
             .take(entries.len())
@@ -81,55 +215,34 @@ impl Sub {
             // The counter assumed every ack lands; take back the ones that did not.
             let mut fix = redis::pipe();
             count_cmd(&mut fix, self, "acked", -missed);
-            let _: redis::RedisResult<Value> = fix.query_async(&mut self.shared.conn()).await;
+            let _: redis::RedisResult<Value> = fix.query_async(&mut self.ack_conn()).await;
         }
         Ok(done)
     }
 }
 
-/// One entry of a native read, with the lane order it was read in.
+/// One entry of a native read: where it is, the stored message and what the take
+/// must judge before handing it out.
 struct Read {
-    stream: String,
+    /// Index into the streams of the read.
+    lane: usize,
     id: String,
-    fields: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-impl Read {
-    fn take_field(&mut self, name: &[u8]) -> Option<Vec<u8>> {
-        let at = self.fields.iter().position(|(k, _)| k.as_slice() == name)?;
-        Some(std::mem::take(&mut self.fields[at].1))
-    }
-
-    fn field(&self, name: &[u8]) -> Option<&[u8]> {
-        self.fields
-            .iter()
-            .find(|(k, _)| k.as_slice() == name)
-            .map(|(_, v)| v.as_slice())
-    }
-
-    fn number(&self, name: &[u8]) -> Option<i64> {
-        std::str::from_utf8(self.field(name)?).ok()?.parse().ok()
-    }
+    message: Option<Bytes>,
+    deadline: Option<i64>,
+    not_before: Option<i64>,
 }
 
 /// The streams of `channels`, highest priority lane first, channels in the given
-/// (sorted) order within a lane: the order the take script serves them in.
-pub(crate) fn lane_streams(prefix: &str, channels: &[String]) -> Vec<String> {
+/// (sorted) order within a lane: the order the take script serves them in. Stream `i`
+/// belongs to channel `i % channels.len()`.
+pub(crate) fn lane_streams(prefix: &str, channels: &[String]) -> Vec<Arc<str>> {
     let mut out = Vec::with_capacity(channels.len() * 4);
     for lane in (0..4).rev() {
         for ch in channels {
-            out.push(format!("{prefix}:s:{ch}:{lane}"));
+            out.push(Arc::from(format!("{prefix}:s:{ch}:{lane}")));
         }
     }
     out
-}
-
-/// The channel of a lane stream key `<prefix>:s:<channel>:<lane>`.
-fn channel_of(prefix: &str, stream: &str) -> String {
-    stream
-        .get(prefix.len() + 3..stream.len().saturating_sub(2))
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// Takes the bytes out of a string reply (no copy).
@@ -150,35 +263,48 @@ fn into_items(v: Value) -> Vec<Value> {
     }
 }
 
+/// A number in a string reply.
+fn number(v: &Value) -> Option<i64> {
+    std::str::from_utf8(bytes(v)?).ok()?.parse().ok()
+}
+
 /// Parses an `XREADGROUP` reply (RESP2 array or RESP3 map) into entries, ordered as
-/// `streams` (the reply's own stream order is not guaranteed). Moves the bytes out of
-/// the reply instead of copying them.
-fn parse_read(reply: Value, streams: &[String]) -> Vec<Read> {
+/// `streams` (the reply's own stream order is not guaranteed). Moves the message
+/// bytes out of the reply instead of copying them.
+fn parse_read(reply: Value, streams: &[Arc<str>]) -> Vec<Read> {
     let mut per_stream: Vec<(usize, Vec<Read>)> = Vec::new();
     let mut add = |name: Value, entries: Value| {
-        let name = text(&name);
-        let rank = streams
-            .iter()
-            .position(|s| *s == name)
-            .unwrap_or(usize::MAX);
-        let mut reads = Vec::new();
-        for entry in into_items(entries) {
+        let Some(lane) =
+            bytes(&name).and_then(|name| streams.iter().position(|s| s.as_bytes() == name))
+        else {
+            return;
+        };
+        let entries = into_items(entries);
+        let mut reads = Vec::with_capacity(entries.len());
+        for entry in entries {
             let mut parts = into_items(entry).into_iter();
             let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
                 continue;
             };
-            let mut fields_out = Vec::new();
+            let mut read = Read {
+                lane,
+                id: text(&id),
+                message: None,
+                deadline: None,
+                not_before: None,
+            };
             let mut flat = into_items(fields).into_iter();
             while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
-                fields_out.push((into_bytes(k), into_bytes(v)));
+                match bytes(&k) {
+                    Some(b"m") => read.message = Some(Bytes::from(into_bytes(v))),
+                    Some(b"d") => read.deadline = number(&v),
+                    Some(b"n") => read.not_before = number(&v),
+                    _ => {}
+                }
             }
-            reads.push(Read {
-                stream: name.clone(),
-                id: text(&id),
-                fields: fields_out,
-            });
+            reads.push(read);
         }
-        per_stream.push((rank, reads));
+        per_stream.push((lane, reads));
     };
     match reply {
         Value::Map(pairs) => {
@@ -195,7 +321,7 @@ fn parse_read(reply: Value, streams: &[String]) -> Vec<Read> {
             }
         }
     }
-    per_stream.sort_by_key(|(rank, _)| *rank);
+    per_stream.sort_by_key(|(lane, _)| *lane);
     per_stream.into_iter().flat_map(|(_, r)| r).collect()
 }
 
@@ -203,11 +329,12 @@ fn parse_read(reply: Value, streams: &[String]) -> Vec<Read> {
 /// delivery count reset (they were never delivered): the take script claims them
 /// when due, as it does delayed entries. `due` is a score per entry, so entries of one
 /// lane keep their stream order.
-fn park_cmds(pipe: &mut redis::Pipeline, sub: &Sub, parked: &[(&Read, f64)]) {
+fn park_cmds(pipe: &mut redis::Pipeline, sub: &Sub, streams: &[Arc<str>], parked: &[(&Read, f64)]) {
     let sched = format!("{}:gs:{}", sub.prefix(), sub.group);
     for (read, due) in parked {
+        let stream = &*streams[read.lane];
         pipe.cmd("XCLAIM")
-            .arg(&read.stream)
+            .arg(stream)
             .arg(&*sub.group)
             .arg("_parked")
             .arg(0)
@@ -218,13 +345,14 @@ fn park_cmds(pipe: &mut redis::Pipeline, sub: &Sub, parked: &[(&Read, f64)]) {
         pipe.cmd("ZADD")
             .arg(&sched)
             .arg(*due)
-            .arg(format!("{}|{}", read.stream, read.id));
+            .arg(format!("{stream}|{}", read.id));
     }
 }
 
 /// Takes up to `room` new entries with one (non-blocking) `XREADGROUP` over the lanes
-/// of `channels`, pipelined with what decides whether the script must run instead: the group's
-/// existence, the channel registry version and the earliest parked entry.
+/// of `channels`, pipelined with what decides whether the script must run instead: the
+/// group's existence and `claims` counter, the channel registry version and the
+/// earliest parked entry.
 ///
 /// Rules kept here as in the script: entries past their deadline are dead-lettered
 /// `expired`, entries not yet due (`not_before`) are parked until due, higher lanes
@@ -242,7 +370,12 @@ pub(crate) async fn run_native_take<C: ConnectionLike + Send>(
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     pipe.cmd("GET").arg(format!("{p}:chver"));
-    pipe.cmd("EXISTS").arg(format!("{p}:g:{}", sub.group));
+    // `ack_wait` is always set while the group exists; `claims` is read before the
+    // entries, so a claim of any of them afterwards moves it (see `Sub::ack_held`).
+    pipe.cmd("HMGET")
+        .arg(format!("{p}:g:{}", sub.group))
+        .arg("ack_wait")
+        .arg("claims");
     pipe.cmd("ZRANGE")
         .arg(format!("{p}:gs:{}", sub.group))
         .arg(0)
@@ -255,15 +388,25 @@ pub(crate) async fn run_native_take<C: ConnectionLike + Send>(
         .arg(&sub.consumer)
         .arg("COUNT")
         .arg(room);
-    read.arg("STREAMS").arg(&streams);
+    read.arg("STREAMS");
+    for stream in &streams {
+        read.arg(&**stream);
+    }
     for _ in &streams {
         read.arg(">");
+    }
+    // The previous native takes' deliveries, counted in this round trip (after the
+    // read, so the replies above keep their places).
+    let unreported = sub.take_unreported();
+    if unreported > 0 {
+        count_cmd(&mut pipe, sub, "delivered", unreported as i64);
     }
     let mut replies: Vec<Value> = pipe
         .query_async(conn)
         .await
         .map_err(|e| sub.shared.err("take (XREADGROUP)", e))?;
     let get = |i: usize| replies.get(i).unwrap_or(&Value::Nil);
+    let group = arr(get(1));
     let mut result = TakeResult {
         gone: false,
         chver: text(get(0)),
@@ -271,11 +414,12 @@ pub(crate) async fn run_native_take<C: ConnectionLike + Send>(
         deliver: Vec::new(),
         last_ids: Vec::new(),
         script_needed: false,
+        claims: Some(group.get(1).and_then(number).unwrap_or(0).max(0) as u64),
     };
     if result.chver.is_empty() {
         result.chver = "0".into();
     }
-    if int(get(1)) == 0 {
+    if group.first().is_none_or(|v| matches!(v, Value::Nil)) {
         result.gone = true;
         return Ok(result);
     }
@@ -310,11 +454,9 @@ pub(crate) async fn run_native_take<C: ConnectionLike + Send>(
     let mut back = 0u32;
     let mut delivered = 0usize;
     for r in &reads {
-        let deadline = r.number(b"d");
-        let not_before = r.number(b"n");
-        if deadline.is_some_and(|d| d <= now) {
+        if r.deadline.is_some_and(|d| d <= now) {
             kinds.push(Some(ItemKind::Expired));
-        } else if let Some(nb) = not_before.filter(|nb| *nb > now) {
+        } else if let Some(nb) = r.not_before.filter(|nb| *nb > now) {
             park.push((r, nb as f64));
             kinds.push(None);
         } else if room > 0 {
@@ -328,10 +470,10 @@ pub(crate) async fn run_native_take<C: ConnectionLike + Send>(
         }
     }
     result.script_needed = back > 0;
-    if !park.is_empty() || delivered > 0 {
+    if !park.is_empty() {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        park_cmds(&mut pipe, sub, &park);
+        park_cmds(&mut pipe, sub, &streams, &park);
         if delivered > 0 {
             count_cmd(&mut pipe, sub, "delivered", delivered as i64);
         }
@@ -339,18 +481,24 @@ pub(crate) async fn run_native_take<C: ConnectionLike + Send>(
             .query_async(&mut sub.shared.conn())
             .await
             .map_err(|e| sub.shared.err("take (park)", e))?;
+    } else if delivered > 0 {
+        // Counted by the next round trip of this subscription (its next take or ack)
+        // instead of one more round trip now, which cost a busy consumer a third
+        // round trip per batch. `stats` lags by these until then.
+        sub.unreported
+            .fetch_add(delivered as u64, std::sync::atomic::Ordering::AcqRel);
     }
-    for (mut r, kind) in reads.into_iter().zip(kinds) {
+    // One channel name per channel of the read, not one per entry.
+    let names: Vec<Option<ChannelName>> =
+        channels.iter().map(|c| ChannelName::new(c).ok()).collect();
+    result.deliver.reserve(delivered);
+    for (r, kind) in reads.into_iter().zip(kinds) {
         let Some(kind) = kind else { continue };
-        let header = r.take_field(b"h");
-        let payload = r.take_field(b"p").unwrap_or_default();
         let item = Item {
+            stream: streams[r.lane].clone(),
             count: 1,
-            header: header.as_deref(),
-            sequence: r.number(b"q").unwrap_or(0).max(0) as u64,
-            payload: Bytes::from(payload),
-            channel: channel_of(p, &r.stream),
-            stream: r.stream,
+            message: r.message,
+            channel: names.get(r.lane % names.len().max(1)).cloned().flatten(),
             id: r.id,
         };
         sort_item(sub, kind, item, &mut result.deliver).await?;
@@ -365,6 +513,7 @@ mod tests {
     #[test]
     fn lanes_go_highest_first_and_channels_keep_their_order() {
         let s = lane_streams("P", &["a".into(), "b".into()]);
+        let s: Vec<&str> = s.iter().map(|s| &**s).collect();
         assert_eq!(
             s,
             [
@@ -372,7 +521,6 @@ mod tests {
                 "P:s:b:0"
             ]
         );
-        assert_eq!(channel_of("P", "P:s:jobs.resize:2"), "jobs.resize");
     }
 
     #[test]
@@ -381,7 +529,9 @@ mod tests {
             Value::Array(vec![
                 Value::BulkString(id.as_bytes().to_vec()),
                 Value::Array(vec![
-                    Value::BulkString(b"q".to_vec()),
+                    Value::BulkString(b"m".to_vec()),
+                    Value::BulkString(b"msg".to_vec()),
+                    Value::BulkString(b"d".to_vec()),
                     Value::BulkString(b"7".to_vec()),
                 ]),
             ])
@@ -399,7 +549,10 @@ mod tests {
         let reads = parse_read(reply, &lane_streams("P", &["a".into()]));
         let ids: Vec<&str> = reads.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["2-0", "1-0", "1-1"]);
-        assert_eq!(reads[0].number(b"q"), Some(7));
-        assert_eq!(reads[0].field(b"h"), None);
+        assert_eq!(reads[0].lane, 0);
+        assert_eq!(reads[1].lane, 3);
+        assert_eq!(reads[0].deadline, Some(7));
+        assert_eq!(reads[0].not_before, None);
+        assert_eq!(reads[0].message.as_deref(), Some(&b"msg"[..]));
     }
 }

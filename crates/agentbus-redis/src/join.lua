@@ -24,7 +24,7 @@ else
         local batch = redis.call('XRANGE', sk, from, '+', 'COUNT', 100)
         if #batch == 0 then return last end
         for _, e in ipairs(batch) do
-          if tonumber(entry_field(e[2], 'q')) >= s then return last end
+          if pid(e[1])[2] >= s then return last end
           last = e[1]
         end
         from = '(' .. last

@@ -29,6 +29,7 @@ mod consumer;
 mod fast;
 mod scripts;
 mod util;
+mod wire;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -49,7 +50,7 @@ use redis::Value;
 use tokio::sync::Notify;
 
 use crate::consumer::RedisConsumer;
-use crate::util::{arr, backend_error, int, lua_ms, millis, str_of, text, value_map};
+use crate::util::{arr, backend_error, bytes, int, lua_ms, millis, str_of, text, value_map};
 
 pub use crate::consumer::BLOCK_SLICE;
 
@@ -383,46 +384,60 @@ impl RedisTransport {
         let now = Utc::now();
         let mut results: Vec<Option<agentbus::Result<PublishReceipt>>> =
             Vec::with_capacity(envelopes.len());
-        let mut sent: Vec<(usize, MessageId, ChannelName)> = Vec::new();
-        let mut inv = scripts::PUBLISH.prepare_invoke();
-        inv.arg(self.prefix()).arg(millis(now));
+        let mut sent: Vec<(usize, MessageId, ChannelName)> = Vec::with_capacity(envelopes.len());
+        let mut accepted: Vec<Envelope> = Vec::with_capacity(envelopes.len());
         for mut envelope in envelopes {
             if let Err(e) = self.shared.limits.check(&envelope, now) {
                 results.push(Some(Err(e)));
                 continue;
             }
             envelope.header.attempt = 1;
-            let header = match serde_json::to_vec(&envelope.header) {
-                Ok(h) => h,
-                Err(e) => {
-                    results.push(Some(Err(Error::new(
-                        ErrorKind::Internal,
-                        format!("could not encode a message header for redis: {e}"),
-                    ))));
-                    continue;
-                }
-            };
-            let stamp = |t: Option<chrono::DateTime<Utc>>| {
-                t.map_or(String::new(), |t| millis(t).to_string())
-            };
-            inv.arg(envelope.channel.as_str())
-                .arg(envelope.header.priority.as_u8().saturating_sub(1))
-                .arg(header)
-                .arg(envelope.header.id.to_string())
-                .arg(envelope.size_bytes())
-                .arg(stamp(envelope.header.deadline))
-                .arg(stamp(envelope.header.not_before))
-                .arg(envelope.payload.as_ref());
-            sent.push((results.len(), envelope.header.id, envelope.channel));
+            sent.push((results.len(), envelope.header.id, envelope.channel.clone()));
             results.push(None);
+            accepted.push(envelope);
+        }
+        // Runs of messages of one channel and lane, in order (see publish.lua), each
+        // message written straight into the command.
+        let mut cmd = scripts::evalsha(&scripts::PUBLISH, 0);
+        cmd.arg(self.prefix());
+        let lane = |e: &Envelope| e.header.priority.as_u8().saturating_sub(1);
+        let mut start = 0;
+        while let Some(first) = accepted.get(start) {
+            let end = accepted[start..]
+                .iter()
+                .position(|e| e.channel != first.channel || lane(e) != lane(first))
+                .map_or(accepted.len(), |n| start + n);
+            cmd.arg(first.channel.as_str())
+                .arg(lane(first))
+                .arg(end - start);
+            for envelope in &accepted[start..end] {
+                cmd.arg(IdArg(&envelope.header)).arg(wire::Stored {
+                    header: &envelope.header,
+                    payload: &envelope.payload,
+                });
+            }
+            start = end;
         }
         if !sent.is_empty() {
-            let reply: redis::RedisResult<Value> = inv.invoke_async(&mut self.shared.conn()).await;
+            let reply: redis::RedisResult<Value> =
+                scripts::run(&scripts::PUBLISH, &cmd, &mut self.shared.conn()).await;
             match reply {
                 Ok(reply) => {
                     let replies = arr(&reply);
+                    // The group count of each channel touched: {channel, count, ...}.
+                    let groups = replies.first().map(arr).unwrap_or(&[]);
+                    let groups_of = |channel: &ChannelName| {
+                        groups
+                            .chunks(2)
+                            .find(|pair| {
+                                pair.first().and_then(bytes) == Some(channel.as_str().as_bytes())
+                            })
+                            .and_then(|pair| pair.get(1))
+                            .map_or(0, int)
+                    };
                     for (i, (slot, id, channel)) in sent.into_iter().enumerate() {
-                        results[slot] = Some(receipt(replies.get(i), id, channel));
+                        let groups = groups_of(&channel);
+                        results[slot] = Some(receipt(replies.get(i + 1), id, channel, groups));
                     }
                 }
                 Err(e) => {
@@ -631,23 +646,59 @@ pub async fn delete_prefix(
     }
 }
 
+/// The id argument of a message for the publish script: the id, followed by
+/// `|<deadline ms>|<not-before ms>` when either is set; written without a string of
+/// its own in the common case.
+struct IdArg<'a>(&'a agentbus::Header);
+
+impl redis::ToRedisArgs for IdArg<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        let mut buf = uuid::Uuid::encode_buffer();
+        let id = self.0.id.0.hyphenated().encode_lower(&mut buf);
+        if self.0.deadline.is_none() && self.0.not_before.is_none() {
+            out.write_arg(id.as_bytes());
+        } else {
+            let stamp = |t: Option<chrono::DateTime<Utc>>| {
+                t.map_or(String::new(), |t| millis(t).to_string())
+            };
+            out.write_arg_fmt(format_args!(
+                "{id}|{}|{}",
+                stamp(self.0.deadline),
+                stamp(self.0.not_before)
+            ));
+        }
+    }
+}
+
 /// How many envelopes one publish script call stores.
 const PUBLISH_CHUNK: usize = 256;
 
-/// Turns one reply of the publish script into a receipt or an error.
+/// Turns one reply of the publish script into a receipt or an error: a number is the
+/// sequence of a stored message (whose channel has `groups` groups), an array a
+/// duplicate or a refusal.
 fn receipt(
     reply: Option<&Value>,
     id: MessageId,
     channel: ChannelName,
+    groups: i64,
 ) -> agentbus::Result<PublishReceipt> {
+    if let Some(Value::Int(sequence)) = reply {
+        return Ok(PublishReceipt {
+            id,
+            channel,
+            sequence: (*sequence).max(0) as u64,
+            duplicate: false,
+            groups: groups.max(0) as usize,
+        });
+    }
     let parts = reply.map(arr).unwrap_or(&[]);
     let status = parts.first().map_or(-2, int);
     match status {
-        0 | 1 => Ok(PublishReceipt {
+        1 => Ok(PublishReceipt {
             id,
             channel,
             sequence: parts.get(1).map_or(0, int) as u64,
-            duplicate: status == 1,
+            duplicate: true,
             groups: parts.get(2).map_or(0, int) as usize,
         }),
         -1 => Err(Error::new(

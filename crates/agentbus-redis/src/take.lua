@@ -1,16 +1,20 @@
 -- take: ARGV = prefix, group, consumer, room, now_ms, ack_wait_ms, max_deliveries,
---       scan_expired (0|1), channels...
+--       mode (0: no ack-wait scan, 1: scan, 2: scan but read no new entries — the
+--       consumer reads those natively, fast.rs), channels...
 -- Hands out up to `room` deliveries, highest priority lane first; within a lane, due
 -- redeliveries (scheduled, then ack-wait expired) before new entries. Also returns
 -- entries the client must dead-letter (expired deadline, deliveries used up).
--- Reply: {status, chver, next_due, out..., last ids...} where each out item is
--- {kind, stream, id, delivery_count, header json, sequence, payload, channel}.
+-- Reply: {status, chver, next_due, out..., last ids..., claims} where each out item is
+-- {kind, stream, id, delivery_count, message} (the sequence is the id's second part,
+-- `message` the binary header + payload of wire.rs) and `claims` the group's count of
+-- ack-wait claims (see the fast ack in fast.rs).
 local g, c = ARGV[2], ARGV[3]
 local room = tonumber(ARGV[4])
 local now = tonumber(ARGV[5])
 local aw = tonumber(ARGV[6])
 local md = tonumber(ARGV[7])
-local scan = ARGV[8] == '1'
+local scan = ARGV[8] ~= '0'
+local read_new = ARGV[8] ~= '2'
 local chans = {}
 for i = 9, #ARGV do chans[#chans + 1] = ARGV[i] end
 local gk, sched = gkey(g), schedkey(g)
@@ -37,8 +41,7 @@ local function consider(sk, e, count, first)
     delivered = delivered + 1
     if count > 1 then redelivered = redelivered + 1 end
   end
-  out[#out + 1] = {kind, sk, e[1], count, entry_field(fields, 'h'), entry_field(fields, 'q'),
-    entry_field(fields, 'p'), string.sub(sk, #P + 4, -3)}
+  out[#out + 1] = {kind, sk, e[1], count, entry_field(fields, 'm') or ''}
 end
 local function claim(sk, id, min_idle)
   local r = redis.pcall('XCLAIM', sk, g, c, min_idle, id)
@@ -87,6 +90,9 @@ for lane = 3, 0, -1 do
           end
         else
           local e = claim(sk, id, aw)
+          -- Taken from the consumer that held it: its bulk ack must not count on
+          -- holding it any more (fast.rs).
+          redis.call('HINCRBY', gk, 'claims', 1)
           if e then
             redis.call('ZREM', sched, member)
             consider(sk, e, pending_count(sk, id), false)
@@ -97,7 +103,7 @@ for lane = 3, 0, -1 do
   end
   -- 3. new entries
   for _, ch in ipairs(chans) do
-    if room <= 0 then break end
+    if room <= 0 or not read_new then break end
     local sk = skey(ch, lane)
     local ok, r = pcall(redis.call, 'XREADGROUP', 'GROUP', g, c, 'COUNT', room, 'STREAMS', sk, '>')
     if ok and type(r) == 'table' and r[1] then
@@ -122,16 +128,31 @@ local reply = {'ok', redis.call('GET', P .. ':chver') or '0'}
 local nd = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
 reply[3] = nd[2] or ''
 reply[4] = out
+-- Where a waiting consumer's XREAD starts: after the group's last delivered entry of
+-- each stream, so it wakes at once if an entry is there that the group has not read
+-- (with mode 2 new entries are not read here, and may have come meanwhile).
 local last = {}
 if #out == 0 then
   for _, ch in ipairs(chans) do
     for l = 0, 3 do
       local sk = skey(ch, l)
-      local top = redis.call('XREVRANGE', sk, '+', '-', 'COUNT', 1)
+      local from = nil
+      local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', sk)
+      if ok then
+        for _, info in ipairs(groups) do
+          local m = tomap(info)
+          if m['name'] == g then from = m['last-delivered-id'] break end
+        end
+      end
+      if from == nil then
+        local top = redis.call('XREVRANGE', sk, '+', '-', 'COUNT', 1)
+        from = (top[1] and top[1][1]) or '0-0'
+      end
       last[#last + 1] = sk
-      last[#last + 1] = (top[1] and top[1][1]) or '0-0'
+      last[#last + 1] = from
     end
   end
 end
 reply[5] = last
+reply[6] = redis.call('HGET', gk, 'claims') or '0'
 return reply

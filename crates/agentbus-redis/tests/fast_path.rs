@@ -155,3 +155,244 @@ async fn a_native_read_dead_letters_expired_entries_and_parks_delayed_ones() {
     drop(consumer);
     transport.delete_everything().await.unwrap();
 }
+
+/// The bulk ack (`ack.lua`) says only how many entries it acked, so it must not be
+/// used for a batch of which another consumer may have claimed a part: then each
+/// entry gets its own `XACK`. The batch's ack fails with `AlreadySettled` (for the
+/// entry acked elsewhere) and the rest of the batch is still acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_ack_after_a_claim_elsewhere_reports_exactly_the_entry_lost() {
+    let transport = transport().await;
+    let channel = ChannelName::new("fast.claims").unwrap();
+    let options = || {
+        SubscribeOptions::new(ChannelPattern::from(channel.clone()))
+            .group("claims")
+            .ack_wait(Duration::from_millis(200))
+    };
+    let mut slow = transport.subscribe(options().prefetch(8)).await.unwrap();
+    idle_once(&mut *slow).await;
+    for n in 1..=2u64 {
+        transport
+            .publish(Envelope::new(
+                channel.clone(),
+                "n",
+                n.to_string().into_bytes(),
+            ))
+            .await
+            .unwrap();
+    }
+    let mut held = Vec::new();
+    while held.len() < 2 {
+        let batch = tokio::time::timeout(Duration::from_secs(5), slow.next_batch(8))
+            .await
+            .expect("both messages within 5 s")
+            .unwrap();
+        held.extend(batch);
+    }
+    // The slow consumer's ack wait runs out; another member claims one of the two.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut fast = transport.subscribe(options().prefetch(1)).await.unwrap();
+    let taken = tokio::time::timeout(Duration::from_secs(5), fast.next_batch(1))
+        .await
+        .expect("a redelivery within 5 s")
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].envelope().header.attempt, 2, "a redelivery");
+    let lost = number(&taken[0]);
+    taken[0].ack().await.unwrap();
+
+    let error = ack_all(&held)
+        .await
+        .expect_err("one of the two was acked elsewhere");
+    assert_eq!(error.kind(), agentbus::ErrorKind::AlreadySettled, "{error}");
+    // The other one was acked by the slow consumer's batch: nothing is left.
+    let stats = transport.stats().await.unwrap();
+    let group = stats.groups.iter().find(|g| g.group == "claims").unwrap();
+    assert_eq!((group.pending, group.in_flight), (0, 0), "{group:?}");
+    assert_eq!(group.acked, 2, "{group:?}");
+    assert!(held.iter().any(|d| number(d) == lost));
+    drop((slow, fast));
+    transport.delete_everything().await.unwrap();
+}
+
+/// Deliveries taken while no claim happened are acked in bulk: every ack lands, and a
+/// second ack of the same entries through a new batch is refused by the library.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_ack_acks_every_entry_of_the_batch() {
+    let transport = transport().await;
+    let channel = ChannelName::new("fast.bulk").unwrap();
+    let mut consumer = transport
+        .subscribe(
+            SubscribeOptions::new(ChannelPattern::from(channel.clone()))
+                .group("bulk")
+                .prefetch(64),
+        )
+        .await
+        .unwrap();
+    idle_once(&mut *consumer).await;
+    let batch: Vec<Envelope> = (0..40u64)
+        .map(|n| {
+            Envelope::new(channel.clone(), "n", n.to_string().into_bytes()).with_priority(
+                if n % 2 == 0 {
+                    Priority::High
+                } else {
+                    Priority::Low
+                },
+            )
+        })
+        .collect();
+    for r in transport.publish_batch(batch).await {
+        r.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 40 {
+        let batch = tokio::time::timeout(Duration::from_secs(5), consumer.next_batch(64))
+            .await
+            .expect("all messages within 5 s")
+            .unwrap();
+        ack_all(&batch).await.unwrap();
+        got.extend(batch.iter().map(number));
+    }
+    got.sort_unstable();
+    assert_eq!(got, (0..40).collect::<Vec<_>>());
+    let stats = transport.stats().await.unwrap();
+    let group = stats.groups.iter().find(|g| g.group == "bulk").unwrap();
+    assert_eq!(
+        (group.acked, group.pending, group.in_flight),
+        (40, 0, 0),
+        "{group:?}"
+    );
+    drop(consumer);
+    transport.delete_everything().await.unwrap();
+}
+
+/// A native take's deliveries are counted by the subscription's next round trip (its
+/// next take or ack), not by one of their own: a batch held unacked shows in `stats`
+/// once the consumer takes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_is_counted_by_the_next_take_when_nothing_is_acked() {
+    let transport = transport().await;
+    let channel = ChannelName::new("fast.count").unwrap();
+    let mut consumer = transport
+        .subscribe(SubscribeOptions::new(ChannelPattern::from(channel.clone())).group("count"))
+        .await
+        .unwrap();
+    idle_once(&mut *consumer).await;
+    for n in 0..3u64 {
+        transport
+            .publish(Envelope::new(
+                channel.clone(),
+                "n",
+                n.to_string().into_bytes(),
+            ))
+            .await
+            .unwrap();
+    }
+    let mut held = Vec::new();
+    while held.len() < 3 {
+        held.extend(
+            tokio::time::timeout(Duration::from_secs(5), consumer.next_batch(8))
+                .await
+                .expect("three messages within 5 s")
+                .unwrap(),
+        );
+    }
+    // Nothing more to take: the next take finds nothing, and counts the three.
+    idle_once(&mut *consumer).await;
+    let stats = transport.stats().await.unwrap();
+    let group = stats.groups.iter().find(|g| g.group == "count").unwrap();
+    assert_eq!((group.delivered, group.acked), (3, 0), "{group:?}");
+    assert_eq!(group.in_flight, 3, "{group:?}");
+    drop((held, consumer));
+    transport.delete_everything().await.unwrap();
+}
+
+/// A channel whose lane streams already hold entries with larger ids than the
+/// server's clock gives (written before the format change, or after the clock went
+/// back) gets ids after them: publishing never fails on "ID equal or smaller".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_with_later_ids_than_the_clock_publishes_after_them() {
+    let transport = transport().await;
+    let client = redis::Client::open(url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // An entry of an older writer, far in the future, on the normal lane.
+    let stream = format!("{}:s:fast.future:1", transport.prefix());
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("99999999999999-7")
+        .arg("p")
+        .arg("old")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let channel = ChannelName::new("fast.future").unwrap();
+    let first = transport
+        .publish(Envelope::new(channel.clone(), "n", &b"1"[..]))
+        .await
+        .unwrap();
+    let second = transport
+        .publish(Envelope::new(channel.clone(), "n", &b"2"[..]).with_priority(Priority::High))
+        .await
+        .unwrap();
+    assert!(second.sequence > first.sequence, "{first:?} {second:?}");
+    let range: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = range.ids.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(
+        ids[1],
+        format!("100000000000000-{}", first.sequence),
+        "the new entry comes right after the old one's millisecond"
+    );
+    transport.delete_everything().await.unwrap();
+}
+
+/// A publish whose `XADD` fails fails as a whole and gives back the sequence it took
+/// (the counters are written back before the script fails): publishing the same
+/// message again stores it — it is no duplicate of a message never stored — with the
+/// next sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_store_gives_back_its_sequence() {
+    let transport = transport().await;
+    let client = redis::Client::open(url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let channel = ChannelName::new("fast.broken").unwrap();
+    let first = transport
+        .publish(Envelope::new(channel.clone(), "n", &b"1"[..]))
+        .await
+        .unwrap();
+    // The normal lane's stream is replaced by a string: every XADD to it fails.
+    let stream = format!("{}:s:fast.broken:1", transport.prefix());
+    let _: () = redis::cmd("SET")
+        .arg(&stream)
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // The first of the batch goes to another lane and is stored; the second fails.
+    let stored = Envelope::new(channel.clone(), "n", &b"2"[..]).with_priority(Priority::High);
+    let again = Envelope::new(channel.clone(), "n", &b"3"[..]);
+    let id = again.header.id;
+    let results = transport.publish_batch(vec![stored, again.clone()]).await;
+    assert!(results.iter().all(Result::is_err), "{results:?}");
+
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let receipt = transport.publish(again).await.unwrap();
+    assert_eq!(receipt.id, id);
+    assert!(!receipt.duplicate, "it was never stored: {receipt:?}");
+    assert_eq!(
+        receipt.sequence,
+        first.sequence + 2,
+        "after the one stored before the failure: {first:?} {receipt:?}"
+    );
+    transport.delete_everything().await.unwrap();
+}
