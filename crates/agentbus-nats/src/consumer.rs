@@ -554,6 +554,7 @@ impl Shared {
         self: &Arc<Self>,
         message: async_nats::jetstream::Message,
         meta: Meta,
+        last_channel: &mut Option<ChannelName>,
     ) -> Option<Delivery> {
         let Meta {
             sequence,
@@ -569,6 +570,7 @@ impl Shared {
         let mut envelope = match wire::decode(
             &self.inner.options.prefix,
             raw.subject.as_str(),
+            last_channel,
             raw.headers.as_ref(),
             raw.payload,
         ) {
@@ -759,6 +761,8 @@ async fn pump(
     let mut known = 0u8;
     let mut force_full = true;
     let mut last_full = Instant::now();
+    // The channel of the last message decoded (see `wire::decode`).
+    let mut last_channel = None;
     loop {
         if *closed.borrow() || tx.is_closed() {
             return;
@@ -865,7 +869,7 @@ async fn pump(
                     } else {
                         known &= !(1 << i);
                     }
-                    if let Some(delivery) = shared.admit(message, meta).await {
+                    if let Some(delivery) = shared.admit(message, meta, &mut last_channel).await {
                         handed += 1;
                         run.push(delivery);
                     }
