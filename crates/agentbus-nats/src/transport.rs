@@ -286,7 +286,10 @@ impl NatsTransport {
                 return Ok(ack);
             }
             generation += 1;
-            headers.insert("Nats-Msg-Id", format!("{id}.{generation}").as_str());
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                format!("{id}.{generation}").as_str(),
+            );
         }
     }
 
@@ -679,7 +682,10 @@ impl Inner {
             Error::new(ErrorKind::Internal, "could not encode a dead letter").with_source(e)
         })?;
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", letter.id.to_string().as_str());
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            letter.id.to_string().as_str(),
+        );
         self.js
             .publish_with_headers(subject, headers, body.into())
             .await

@@ -38,6 +38,7 @@ use std::fmt::Write as _;
 use agentbus::{
     ChannelName, Envelope, Error, ErrorKind, Header, MessageId, Priority, Result, CONTENT_TYPE_JSON,
 };
+use async_nats::header::{HeaderName, NATS_MESSAGE_ID};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -45,6 +46,10 @@ use chrono::{DateTime, Utc};
 /// The NATS header that carries the agentbus header (compact form, see the module
 /// documentation).
 pub(crate) const HEADER: &str = "Agentbus";
+
+/// [`HEADER`] as a header name made once: a `&str` key is copied into a new name on
+/// every insert and lookup.
+const HEADER_NAME: HeaderName = HeaderName::from_static(HEADER);
 
 /// The JSON header of messages written before the compact form; still decoded.
 pub(crate) const LEGACY_HEADER: &str = "Agentbus-Header";
@@ -93,9 +98,9 @@ pub(crate) fn encode(envelope: &Envelope, dedup: bool) -> HeaderMap {
     if dedup {
         let mut id = uuid::Uuid::encode_buffer();
         let id = envelope.header.id.0.hyphenated().encode_lower(&mut id);
-        headers.insert("Nats-Msg-Id", &*id);
+        headers.insert(NATS_MESSAGE_ID, &*id);
     }
-    headers.insert(HEADER, encode_header(&envelope.header).as_str());
+    headers.insert(HEADER_NAME, encode_header(&envelope.header));
     headers
 }
 
@@ -171,7 +176,28 @@ fn push_id(out: &mut String, id: MessageId) {
 }
 
 fn push_time(out: &mut String, t: &DateTime<Utc>) {
-    let _ = write!(out, "{}.{:09}", t.timestamp(), t.timestamp_subsec_nanos());
+    let secs = t.timestamp();
+    if secs < 0 {
+        out.push('-');
+    }
+    push_digits(out, secs.unsigned_abs(), 1);
+    out.push('.');
+    push_digits(out, u64::from(t.timestamp_subsec_nanos()), 9);
+}
+
+/// `n` in decimal, zero-padded to at least `width` digits (formatting machinery
+/// costs several times this per number, and every message carries two or three).
+fn push_digits(out: &mut String, mut n: u64, width: usize) {
+    let mut buf = [b'0'; 20];
+    let mut at = buf.len();
+    while n > 0 {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    at = at.min(buf.len() - width.min(buf.len()));
+    // Only ASCII digits were written.
+    out.push_str(std::str::from_utf8(&buf[at..]).unwrap_or_default());
 }
 
 /// Whether `b` must be percent-encoded in a name or value.
@@ -217,10 +243,27 @@ fn unescape(s: &str) -> Option<String> {
 
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     let (secs, nanos) = s.split_once('.')?;
-    if nanos.is_empty() || nanos.len() > 10 || !nanos.bytes().all(|b| b.is_ascii_digit()) {
+    let (negative, digits) = match secs.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, secs),
+    };
+    // At most 10 digits of nanoseconds (a leap second's reach 1,999,999,999).
+    if nanos.len() > 10 {
         return None;
     }
-    DateTime::from_timestamp(secs.parse().ok()?, nanos.parse().ok()?)
+    let magnitude = i64::try_from(parse_digits(digits)?).ok()?;
+    let secs = if negative { -magnitude } else { magnitude };
+    DateTime::from_timestamp(secs, u32::try_from(parse_digits(nanos)?).ok()?)
+}
+
+/// A non-empty run of at most 19 ASCII digits as a number.
+fn parse_digits(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 {
+        return None;
+    }
+    s.bytes().try_fold(0u64, |n, b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
 }
 
 /// The header in the compact text form `raw`; the error says what is wrong (the
@@ -256,8 +299,9 @@ pub(crate) fn decode_header(raw: &str) -> std::result::Result<Header, String> {
         tenant: None,
         trace: None,
         headers: BTreeMap::new(),
-        content_type: CONTENT_TYPE_JSON.to_string(),
+        content_type: String::new(),
     };
+    let mut content_type = None;
     for field in fields {
         let (key, value) = field
             .split_once('=')
@@ -291,7 +335,7 @@ pub(crate) fn decode_header(raw: &str) -> std::result::Result<Header, String> {
             "att" => header.attempt = value.parse().map_err(|_| bad())?,
             "tenant" => header.tenant = Some(text()?),
             "tp" => header.trace = Some(text()?),
-            "ct" => header.content_type = text()?,
+            "ct" => content_type = Some(text()?),
             _ => {
                 if let Some(name) = key.strip_prefix("h.") {
                     let name = unescape(name)
@@ -305,6 +349,7 @@ pub(crate) fn decode_header(raw: &str) -> std::result::Result<Header, String> {
     header.id = id.ok_or("it has no id")?;
     header.timestamp = timestamp.ok_or("it has no timestamp (ts)")?;
     header.kind = kind.ok_or("it has no kind")?;
+    header.content_type = content_type.unwrap_or_else(|| CONTENT_TYPE_JSON.to_string());
     Ok(header)
 }
 
@@ -318,7 +363,7 @@ fn clip(s: &str) -> String {
 /// formatting it for every message would cost an allocation each).
 fn header_of(headers: Option<&HeaderMap>, place: impl Fn() -> String) -> Result<Header> {
     let schema = |why: String| Error::new(ErrorKind::Schema, why);
-    if let Some(raw) = headers.and_then(|h| h.get(HEADER)) {
+    if let Some(raw) = headers.and_then(|h| h.get(HEADER_NAME)) {
         return decode_header(raw.as_str()).map_err(|why| {
             schema(format!(
                 "the {HEADER} header of a message {} is not valid: {why}",
@@ -429,7 +474,7 @@ mod tests {
             Envelope::new(channel, "k", b"{\"n\":1}".to_vec()).with_priority(Priority::Low);
         let headers = encode(&envelope, true);
         assert_eq!(
-            headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()),
+            headers.get(NATS_MESSAGE_ID).map(|v| v.as_str().to_string()),
             Some(envelope.header.id.to_string())
         );
         let subject = subject("p", envelope.header.priority, envelope.channel.as_str());
@@ -452,7 +497,7 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Schema);
         let e = decode("p", "q.2.a.b", &mut last, Some(&headers), Bytes::new()).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Schema);
-        assert!(encode(&envelope, false).get("Nats-Msg-Id").is_none());
+        assert!(encode(&envelope, false).get(NATS_MESSAGE_ID).is_none());
     }
 
     #[test]
