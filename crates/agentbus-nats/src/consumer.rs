@@ -167,6 +167,8 @@ pub(crate) struct NatsConsumer {
     /// A core request that arrived while the prefetch was full: handed out as soon as
     /// a delivery is settled.
     waiting: Option<async_nats::Message>,
+    /// The channel of the last core request (see `wire::decode_core`).
+    request_channel: Option<ChannelName>,
     pump: tokio::task::JoinHandle<()>,
 }
 
@@ -295,6 +297,7 @@ impl NatsConsumer {
             buffer: VecDeque::new(),
             requests: Some(requests),
             waiting: None,
+            request_channel: None,
             pump,
         })
     }
@@ -319,7 +322,11 @@ impl Consumer for NatsConsumer {
             if let Some(request) = self.waiting.take() {
                 match self.shared.permits.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        self.buffer.extend(self.shared.admit_core(request, permit));
+                        self.buffer.extend(self.shared.admit_core(
+                            request,
+                            permit,
+                            &mut self.request_channel,
+                        ));
                         continue;
                     }
                     Err(_) => self.waiting = Some(request),
@@ -338,7 +345,11 @@ impl Consumer for NatsConsumer {
                 Woke::Request(None) => self.requests = None,
                 Woke::Room(permit) => {
                     if let Some(request) = self.waiting.take() {
-                        self.buffer.extend(self.shared.admit_core(request, permit));
+                        self.buffer.extend(self.shared.admit_core(
+                            request,
+                            permit,
+                            &mut self.request_channel,
+                        ));
                     }
                 }
             }
@@ -556,19 +567,24 @@ impl Shared {
         self: &Arc<Self>,
         message: async_nats::Message,
         permit: OwnedSemaphorePermit,
+        last_channel: &mut Option<ChannelName>,
     ) -> Option<Delivery> {
         let channel = message
             .subject
             .as_str()
             .strip_prefix(self.request_prefix.as_str())?;
-        let mut envelope =
-            match wire::decode_core(channel, message.headers.as_ref(), message.payload) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!("dropping a core request agentbus cannot read: {e}");
-                    return None;
-                }
-            };
+        let mut envelope = match wire::decode_core(
+            channel,
+            last_channel,
+            message.headers.as_ref(),
+            message.payload,
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!("dropping a core request agentbus cannot read: {e}");
+                return None;
+            }
+        };
         envelope.header.attempt = 1;
         // A request's reply goes to the NATS reply subject (the requester's inbox).
         if let Some(reply) = message.reply.as_ref() {

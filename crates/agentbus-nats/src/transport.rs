@@ -1106,7 +1106,12 @@ impl Transport for NatsTransport {
         match self.inner.client.send_request(subject, request).await {
             Ok(reply) => {
                 let reply_channel = reply.subject.to_string();
-                wire::decode_core(&reply_channel, reply.headers.as_ref(), reply.payload)
+                wire::decode_core(
+                    &reply_channel,
+                    &mut None,
+                    reply.headers.as_ref(),
+                    reply.payload,
+                )
             }
             Err(e) => Err(match e.kind() {
                 async_nats::RequestErrorKind::NoResponders => Error::new(
@@ -1163,7 +1168,7 @@ impl Transport for NatsTransport {
         let replies = replies
             .filter_map(|m| async move {
                 let reply_channel = m.subject.to_string();
-                match wire::decode_core(&reply_channel, m.headers.as_ref(), m.payload) {
+                match wire::decode_core(&reply_channel, &mut None, m.headers.as_ref(), m.payload) {
                     Ok(e) => Some(e),
                     Err(e) => {
                         tracing::warn!("ignoring an unreadable gather reply: {e}");

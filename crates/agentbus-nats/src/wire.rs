@@ -406,14 +406,7 @@ pub(crate) fn decode(
             format!("subject '{subject}' is not of the form '{prefix}.<lane 1-4>.<channel>'"),
         )
     })?;
-    let channel = match last {
-        Some(known) if known.as_str() == name => known.clone(),
-        _ => {
-            let channel = ChannelName::new(name)?;
-            *last = Some(channel.clone());
-            channel
-        }
-    };
+    let channel = known_channel(name, last)?;
     let header = header_of(headers, || format!("on '{subject}'"))?;
     Ok(Envelope {
         channel,
@@ -422,19 +415,34 @@ pub(crate) fn decode(
     })
 }
 
+/// `name` as a channel: `last` again when it is the same name (no validation and no
+/// allocation), else validated and remembered in `last`.
+fn known_channel(name: &str, last: &mut Option<ChannelName>) -> Result<ChannelName> {
+    match last {
+        Some(known) if known.as_str() == name => Ok(known.clone()),
+        _ => {
+            let channel = ChannelName::new(name)?;
+            *last = Some(channel.clone());
+            Ok(channel)
+        }
+    }
+}
+
 /// The envelope carried by a core NATS message (a request on
 /// `<prefix>_rq.<channel>`, or a reply on an inbox subject): `channel` is the
-/// agentbus channel it belongs to.
+/// agentbus channel it belongs to; `last`, as for [`decode`], the channel of the
+/// previous message of this caller.
 ///
 /// # Errors
 /// [`ErrorKind::Schema`] without a valid `Agentbus` header; `InvalidChannel` for a
 /// subject that is no channel name.
 pub(crate) fn decode_core(
     channel: &str,
+    last: &mut Option<ChannelName>,
     headers: Option<&HeaderMap>,
     payload: Bytes,
 ) -> Result<Envelope> {
-    let channel = ChannelName::new(channel)?;
+    let channel = known_channel(channel, last)?;
     let header = header_of(headers, || format!("for '{channel}'"))?;
     Ok(Envelope {
         channel,
@@ -524,11 +532,11 @@ mod tests {
             LEGACY_HEADER,
             serde_json::to_string(&header).unwrap().as_str(),
         );
-        let back = decode_core("a.b", Some(&headers), Bytes::new()).unwrap();
+        let back = decode_core("a.b", &mut None, Some(&headers), Bytes::new()).unwrap();
         assert_eq!(back.header, header);
         let mut bad = HeaderMap::new();
         bad.insert(LEGACY_HEADER, "{not json");
-        let e = decode_core("a.b", Some(&bad), Bytes::new()).unwrap_err();
+        let e = decode_core("a.b", &mut None, Some(&bad), Bytes::new()).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Schema);
     }
 
@@ -561,7 +569,7 @@ mod tests {
             assert!(why.contains(says), "{raw:?}: {why}");
             let mut headers = HeaderMap::new();
             headers.insert(HEADER, raw.as_str());
-            let e = decode_core("a.b", Some(&headers), Bytes::new()).unwrap_err();
+            let e = decode_core("a.b", &mut None, Some(&headers), Bytes::new()).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::Schema, "{raw:?}");
         }
         // Keys a later minor version may add are skipped.
@@ -632,7 +640,7 @@ mod tests {
                 payload: Bytes::from_static(b"x"),
             };
             let headers = encode(&envelope, true);
-            let back = decode_core("a.b", Some(&headers), envelope.payload.clone()).unwrap();
+            let back = decode_core("a.b", &mut None, Some(&headers), envelope.payload.clone()).unwrap();
             prop_assert_eq!(back, envelope);
         }
 
