@@ -269,7 +269,7 @@ fn parse_digits(s: &str) -> Option<u64> {
 /// The header in the compact text form `raw`; the error says what is wrong (the
 /// caller adds where the message came from).
 pub(crate) fn decode_header(raw: &str) -> std::result::Result<Header, String> {
-    let mut fields = raw.split(';');
+    let mut fields = Fields(Some(raw));
     match fields.next() {
         Some(VERSION) => {}
         Some(v) => {
@@ -304,7 +304,9 @@ pub(crate) fn decode_header(raw: &str) -> std::result::Result<Header, String> {
     let mut content_type = None;
     for field in fields {
         let (key, value) = field
-            .split_once('=')
+            .bytes()
+            .position(|b| b == b'=')
+            .map(|i| (&field[..i], &field[i + 1..]))
             .ok_or_else(|| format!("field '{}' has no '='", clip(field)))?;
         let bad = || format!("field '{key}' has a bad value '{}'", clip(value));
         let text = || unescape(value).ok_or_else(bad);
@@ -351,6 +353,29 @@ pub(crate) fn decode_header(raw: &str) -> std::result::Result<Header, String> {
     header.kind = kind.ok_or("it has no kind")?;
     header.content_type = content_type.unwrap_or_else(|| CONTENT_TYPE_JSON.to_string());
     Ok(header)
+}
+
+/// The `;`-separated fields of a header. A byte search: `str::split`'s general
+/// pattern machinery cost about a third of decoding a header.
+struct Fields<'a>(Option<&'a str>);
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let rest = self.0?;
+        // `;` is ASCII, so both slices end on character boundaries.
+        match rest.bytes().position(|b| b == b';') {
+            Some(i) => {
+                self.0 = Some(&rest[i + 1..]);
+                Some(&rest[..i])
+            }
+            None => {
+                self.0 = None;
+                Some(rest)
+            }
+        }
+    }
 }
 
 /// At most 40 characters of `s`, for error messages about garbage.
