@@ -44,24 +44,70 @@ struct Meta {
     delivered: u32,
     /// Messages left for the lane consumer after this one.
     pending: u64,
-    /// When the stream stored it (for a channel's `max_age`).
-    stored: time::OffsetDateTime,
+    /// When the stream stored it, in Unix nanoseconds (for a channel's `max_age`;
+    /// turned into a time only when a channel has one).
+    stored_nanos: i128,
 }
 
 impl Meta {
     fn of(message: &async_nats::jetstream::Message) -> Option<Meta> {
+        if let Some(meta) = message.reply.as_deref().and_then(Meta::parse) {
+            return Some(meta);
+        }
         match message.info() {
             Ok(info) => Some(Meta {
                 sequence: info.stream_sequence,
                 delivered: info.delivered.max(1) as u32,
                 pending: info.pending,
-                stored: info.published,
+                stored_nanos: info.published.unix_timestamp_nanos(),
             }),
             Err(e) => {
                 tracing::warn!("a JetStream message without metadata: {e}");
                 None
             }
         }
+    }
+
+    /// The numbers of a reply subject in JetStream's short form,
+    /// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`,
+    /// read without building async-nats's `Info` (which also turns the time into a
+    /// calendar date: about two thirds of the work, per message). `None` for any other
+    /// form (the domain form of a leaf node), which [`Meta::of`] leaves to async-nats.
+    fn parse(reply: &str) -> Option<Meta> {
+        let rest = reply.strip_prefix("$JS.ACK.")?.as_bytes();
+        // Five numbers from the end, then `<stream>.<consumer>` (names hold no dots).
+        let mut numbers = [0u64; 5];
+        let mut end = rest.len();
+        for number in numbers.iter_mut() {
+            let start = rest[..end].iter().rposition(|&b| b == b'.')? + 1;
+            let digits = &rest[start..end];
+            if digits.is_empty() || digits.len() > 19 {
+                return None;
+            }
+            for &b in digits {
+                if !b.is_ascii_digit() {
+                    return None;
+                }
+                *number = *number * 10 + u64::from(b - b'0');
+            }
+            end = start - 1;
+        }
+        if rest[..end].iter().filter(|&&b| b == b'.').count() != 1 {
+            return None;
+        }
+        let [pending, stored, _consumer_sequence, sequence, delivered] = numbers;
+        Some(Meta {
+            sequence,
+            delivered: delivered.clamp(1, u64::from(u32::MAX)) as u32,
+            pending,
+            stored_nanos: i128::from(stored),
+        })
+    }
+
+    /// When the stream stored the message.
+    fn stored(&self) -> time::OffsetDateTime {
+        time::OffsetDateTime::from_unix_timestamp_nanos(self.stored_nanos)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
     }
 }
 
@@ -104,6 +150,8 @@ pub(crate) struct Shared {
     /// Lanes (bits in the order of [`LANES`]) a nack just refilled.
     nacked: AtomicU8,
     permits: Arc<Semaphore>,
+    /// `<prefix>_rq.`: what a core request's subject starts with.
+    request_prefix: String,
 }
 
 /// The `Consumer` of a NATS subscription.
@@ -119,6 +167,8 @@ pub(crate) struct NatsConsumer {
     /// A core request that arrived while the prefetch was full: handed out as soon as
     /// a delivery is settled.
     waiting: Option<async_nats::Message>,
+    /// The channel of the last core request (see `wire::decode_core`).
+    request_channel: Option<ChannelName>,
     pump: tokio::task::JoinHandle<()>,
 }
 
@@ -237,6 +287,7 @@ impl NatsConsumer {
             wake: Notify::new(),
             nacked: AtomicU8::new(0),
             permits: Arc::new(Semaphore::new(options.prefetch)),
+            request_prefix: wire::request_subject(&prefix, ""),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let pump = tokio::spawn(pump(shared.clone(), lanes, bell, tx));
@@ -246,6 +297,7 @@ impl NatsConsumer {
             buffer: VecDeque::new(),
             requests: Some(requests),
             waiting: None,
+            request_channel: None,
             pump,
         })
     }
@@ -270,7 +322,11 @@ impl Consumer for NatsConsumer {
             if let Some(request) = self.waiting.take() {
                 match self.shared.permits.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        self.buffer.extend(self.shared.admit_core(request, permit));
+                        self.buffer.extend(self.shared.admit_core(
+                            request,
+                            permit,
+                            &mut self.request_channel,
+                        ));
                         continue;
                     }
                     Err(_) => self.waiting = Some(request),
@@ -289,7 +345,11 @@ impl Consumer for NatsConsumer {
                 Woke::Request(None) => self.requests = None,
                 Woke::Room(permit) => {
                     if let Some(request) = self.waiting.take() {
-                        self.buffer.extend(self.shared.admit_core(request, permit));
+                        self.buffer.extend(self.shared.admit_core(
+                            request,
+                            permit,
+                            &mut self.request_channel,
+                        ));
                     }
                 }
             }
@@ -507,21 +567,24 @@ impl Shared {
         self: &Arc<Self>,
         message: async_nats::Message,
         permit: OwnedSemaphorePermit,
+        last_channel: &mut Option<ChannelName>,
     ) -> Option<Delivery> {
-        let prefix = wire::request_subject(&self.inner.options.prefix, "");
         let channel = message
             .subject
             .as_str()
-            .strip_prefix(prefix.as_str())?
-            .to_string();
-        let mut envelope =
-            match wire::decode_core(&channel, message.headers.as_ref(), message.payload) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!("dropping a core request agentbus cannot read: {e}");
-                    return None;
-                }
-            };
+            .strip_prefix(self.request_prefix.as_str())?;
+        let mut envelope = match wire::decode_core(
+            channel,
+            last_channel,
+            message.headers.as_ref(),
+            message.payload,
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!("dropping a core request agentbus cannot read: {e}");
+                return None;
+            }
+        };
         envelope.header.attempt = 1;
         // A request's reply goes to the NATS reply subject (the requester's inbox).
         if let Some(reply) = message.reply.as_ref() {
@@ -554,11 +617,11 @@ impl Shared {
         self: &Arc<Self>,
         message: async_nats::jetstream::Message,
         meta: Meta,
+        last_channel: &mut Option<ChannelName>,
     ) -> Option<Delivery> {
         let Meta {
             sequence,
             delivered,
-            stored,
             ..
         } = meta;
         let raw = message.message;
@@ -569,6 +632,7 @@ impl Shared {
         let mut envelope = match wire::decode(
             &self.inner.options.prefix,
             raw.subject.as_str(),
+            last_channel,
             raw.headers.as_ref(),
             raw.payload,
         ) {
@@ -587,7 +651,8 @@ impl Shared {
             .inner
             .config_for(&envelope.channel)
             .and_then(|c| c.max_age);
-        if max_age.is_some_and(|max_age| time::OffsetDateTime::now_utc() - stored > max_age) {
+        if max_age.is_some_and(|max_age| time::OffsetDateTime::now_utc() - meta.stored() > max_age)
+        {
             let _ = self.send_ack(&acker, AckKind::Term).await;
             self.inner.count_dropped(&envelope.channel);
             return None;
@@ -759,6 +824,8 @@ async fn pump(
     let mut known = 0u8;
     let mut force_full = true;
     let mut last_full = Instant::now();
+    // The channel of the last message decoded (see `wire::decode`).
+    let mut last_channel = None;
     loop {
         if *closed.borrow() || tx.is_closed() {
             return;
@@ -865,7 +932,7 @@ async fn pump(
                     } else {
                         known &= !(1 << i);
                     }
-                    if let Some(delivery) = shared.admit(message, meta).await {
+                    if let Some(delivery) = shared.admit(message, meta, &mut last_channel).await {
                         handed += 1;
                         run.push(delivery);
                     }
@@ -905,6 +972,36 @@ async fn pump(
             _ = shared.wake.notified() => {}
             _ = tokio::time::sleep(sleep_for) => force_full = true,
             _ = closed.changed() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_subjects_are_read_without_async_nats_info() {
+        let meta = Meta::parse("$JS.ACK.jobs.g-L2.3.1207.1199.1764117773560487515.42").unwrap();
+        assert_eq!(
+            (
+                meta.sequence,
+                meta.delivered,
+                meta.pending,
+                meta.stored_nanos
+            ),
+            (1207, 3, 42, 1_764_117_773_560_487_515)
+        );
+        assert_eq!(meta.stored().unix_timestamp(), 1_764_117_773);
+        // The domain form (and anything else) is left to async-nats.
+        for other in [
+            "$JS.ACK.hub.acc.jobs.g-L2.3.1207.1199.1764117773560487515.42.7",
+            "$JS.ACK.jobs.g-L2.x.1207.1199.1764117773560487515.42",
+            "$JS.ACK.g-L2.3.1207.1199.1764117773560487515.42",
+            "_INBOX.abc.1",
+            "",
+        ] {
+            assert!(Meta::parse(other).is_none(), "{other}");
         }
     }
 }

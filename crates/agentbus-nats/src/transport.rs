@@ -241,7 +241,7 @@ impl NatsTransport {
                 .await?;
         }
         let window = self.dedup_window(config.as_ref());
-        let headers = wire::encode(envelope, !window.is_zero())?;
+        let headers = wire::encode(envelope, !window.is_zero());
         let subject = wire::subject(
             &self.inner.options.prefix,
             envelope.header.priority,
@@ -257,19 +257,27 @@ impl NatsTransport {
     /// channel's window. With a zero window no dedup key is sent at all.
     async fn store(
         &self,
-        subject: String,
+        mut subject: String,
         mut headers: async_nats::HeaderMap,
         payload: bytes::Bytes,
         id: MessageId,
         channel: &ChannelName,
         window: Duration,
     ) -> Result<jetstream::publish::PublishAck> {
+        // Only a channel window shorter than the stream's can need a second attempt:
+        // otherwise the headers and subject are moved, not copied.
+        let may_rekey = window < *self.inner.stream_window.lock();
         let mut generation = 0u32;
         loop {
+            let (to, with) = if may_rekey {
+                (subject.clone(), headers.clone())
+            } else {
+                (std::mem::take(&mut subject), std::mem::take(&mut headers))
+            };
             let ack = self
                 .inner
                 .js
-                .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                .publish_with_headers(to, with, payload.clone())
                 .await
                 .map_err(|e| publish_error(channel, e))?
                 .await
@@ -278,7 +286,10 @@ impl NatsTransport {
                 return Ok(ack);
             }
             generation += 1;
-            headers.insert("Nats-Msg-Id", format!("{id}.{generation}").as_str());
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                format!("{id}.{generation}").as_str(),
+            );
         }
     }
 
@@ -341,7 +352,7 @@ impl NatsTransport {
 
     /// A reply to a core request: straight to the requester's inbox subject.
     async fn reply_core(&self, envelope: Envelope) -> Result<PublishReceipt> {
-        let headers = wire::encode(&envelope, false)?;
+        let headers = wire::encode(&envelope, false);
         self.inner
             .client
             .publish_with_headers(
@@ -671,7 +682,10 @@ impl Inner {
             Error::new(ErrorKind::Internal, "could not encode a dead letter").with_source(e)
         })?;
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", letter.id.to_string().as_str());
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            letter.id.to_string().as_str(),
+        );
         self.js
             .publish_with_headers(subject, headers, body.into())
             .await
@@ -1083,7 +1097,7 @@ impl Transport for NatsTransport {
         // every request, no SUB/UNSUB per request); it is only known once sent, so the
         // responder takes `reply_to` from the NATS message's reply subject.
         envelope.header.reply_to = None;
-        let headers = wire::encode(&envelope, false)?;
+        let headers = wire::encode(&envelope, false);
         let subject = wire::request_subject(&self.inner.options.prefix, channel.as_str());
         let request = async_nats::Request::new()
             .payload(envelope.payload)
@@ -1092,7 +1106,12 @@ impl Transport for NatsTransport {
         match self.inner.client.send_request(subject, request).await {
             Ok(reply) => {
                 let reply_channel = reply.subject.to_string();
-                wire::decode_core(&reply_channel, reply.headers.as_ref(), reply.payload)
+                wire::decode_core(
+                    &reply_channel,
+                    &mut None,
+                    reply.headers.as_ref(),
+                    reply.payload,
+                )
             }
             Err(e) => Err(match e.kind() {
                 async_nats::RequestErrorKind::NoResponders => Error::new(
@@ -1138,7 +1157,7 @@ impl Transport for NatsTransport {
                     e,
                 )
             })?;
-        let headers = wire::encode(&envelope, false)?;
+        let headers = wire::encode(&envelope, false);
         let subject = wire::request_subject(&self.inner.options.prefix, channel.as_str());
         self.inner
             .client
@@ -1149,7 +1168,7 @@ impl Transport for NatsTransport {
         let replies = replies
             .filter_map(|m| async move {
                 let reply_channel = m.subject.to_string();
-                match wire::decode_core(&reply_channel, m.headers.as_ref(), m.payload) {
+                match wire::decode_core(&reply_channel, &mut None, m.headers.as_ref(), m.payload) {
                     Ok(e) => Some(e),
                     Err(e) => {
                         tracing::warn!("ignoring an unreadable gather reply: {e}");

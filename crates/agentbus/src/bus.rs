@@ -390,9 +390,13 @@ impl Bus {
         message: &M,
         options: &PublishOptions,
     ) -> Result<Envelope> {
-        let mut envelope = Envelope::json(channel.clone(), M::KIND, message)?;
-        envelope.header = options.to_header(M::KIND, self.inner.clock.now());
-        Ok(envelope)
+        // Not `Envelope::json`: it would build a header (a fresh id, a clock read, two
+        // strings) only for it to be replaced by this one, twice per request/reply.
+        Ok(Envelope {
+            channel: channel.clone(),
+            header: options.to_header(M::KIND, self.inner.clock.now()),
+            payload: crate::envelope::json_payload(M::KIND, message)?,
+        })
     }
 
     /// Publishes `message` on `channel` with default options.

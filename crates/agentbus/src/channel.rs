@@ -41,6 +41,43 @@ fn token_is_valid(token: &str) -> bool {
 /// Checks the shape shared by names and patterns; `allow_wildcards` admits `*` and a
 /// final `>`.
 fn validate(input: &str, allow_wildcards: bool) -> Result<()> {
+    // Names are made for every message a backend decodes (a request's channel, its
+    // reply inbox): the one-pass check costs a fraction of the per-token one.
+    if is_plain_name(input) {
+        return Ok(());
+    }
+    validate_tokens(input, allow_wildcards)
+}
+
+/// Whether `input` is a valid channel name (no wildcards), in one pass over its
+/// bytes. `false` does not mean invalid: patterns and bad names go on to
+/// [`validate_tokens`], which also says what is wrong.
+fn is_plain_name(input: &str) -> bool {
+    let bytes = input.as_bytes();
+    if bytes.is_empty() || bytes.len() > MAX_CHANNEL_BYTES {
+        return false;
+    }
+    let mut tokens = 1;
+    // A leading dot, two in a row, or a trailing one make an empty token.
+    let mut after_dot = true;
+    for &b in bytes {
+        if b == b'.' {
+            if after_dot {
+                return false;
+            }
+            tokens += 1;
+            after_dot = true;
+        } else if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            after_dot = false;
+        } else {
+            return false;
+        }
+    }
+    !after_dot && tokens <= MAX_TOKENS
+}
+
+/// The full check, token by token, with an error naming the bad token.
+fn validate_tokens(input: &str, allow_wildcards: bool) -> Result<()> {
     if input.is_empty() {
         return Err(invalid(input, "it is empty"));
     }
@@ -453,6 +490,22 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn the_one_pass_check_agrees_with_the_token_check(
+            input in prop_oneof![
+                "(\\.|[a-z0-9_-]{1,20}|[*> %é]){0,40}",
+                "([a-z]{1,3}\\.){10,20}[a-z]",
+                "[a-z]{200,300}",
+                any::<String>(),
+            ]
+        ) {
+            prop_assert_eq!(is_plain_name(&input), validate_tokens(&input, false).is_ok());
+            prop_assert_eq!(
+                validate(&input, true).is_ok(),
+                validate_tokens(&input, true).is_ok()
+            );
+        }
+
         #[test]
         fn matching_agrees_with_reference(p in pattern(), n in name()) {
             let pattern = ChannelPattern::new(p.join(".")).unwrap();

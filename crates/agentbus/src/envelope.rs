@@ -319,13 +319,7 @@ impl Envelope {
     /// # Errors
     /// [`ErrorKind::Schema`] if `value` cannot be serialized.
     pub fn json<T: Serialize>(channel: ChannelName, kind: &str, value: &T) -> Result<Self> {
-        let payload = serde_json::to_vec(value).map_err(|e| {
-            Error::new(
-                ErrorKind::Schema,
-                format!("could not encode a '{kind}' payload as JSON: {e}"),
-            )
-        })?;
-        Ok(Envelope::new(channel, kind, payload))
+        Ok(Envelope::new(channel, kind, json_payload(kind, value)?))
     }
 
     /// Sets the priority.
@@ -379,6 +373,19 @@ impl Envelope {
     pub fn size_bytes(&self) -> usize {
         self.payload.len() + self.header.kind.len() + self.channel.as_str().len() + 160
     }
+}
+
+/// `value` as a JSON payload of a message of `kind`.
+///
+/// # Errors
+/// [`ErrorKind::Schema`] if `value` cannot be serialized.
+pub(crate) fn json_payload<T: Serialize>(kind: &str, value: &T) -> Result<Bytes> {
+    serde_json::to_vec(value).map(Bytes::from).map_err(|e| {
+        Error::new(
+            ErrorKind::Schema,
+            format!("could not encode a '{kind}' payload as JSON: {e}"),
+        )
+    })
 }
 
 /// Converts a std duration into a chrono one, saturating instead of panicking.
