@@ -2,7 +2,7 @@
 //! in one run, with the ratio:
 //!
 //! ```text
-//! cargo run --release -p agentbus-redis --example bench_vs_raw -- [MESSAGES] [URL]
+//! cargo run --release -p agentbus-redis --example bench_vs_raw -- [MESSAGES] [URL] [--dedup]
 //! ```
 //!
 //! Workload: publish → consume → ack of 256-byte payloads on one channel and one
@@ -12,6 +12,9 @@
 //! Keys live under a fresh prefix and are deleted afterwards. Each run also reports
 //! the CPU time per message of the Redis server (`INFO cpu`, which counts every client
 //! of the server) and of this process (Linux), so the ratio can be explained.
+//!
+//! agentbus's channel has dedup off by default here, as a raw client has none;
+//! `--dedup` keeps the default dedup window (2 minutes), as users get it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -122,6 +125,7 @@ async fn through_agentbus(
     producers: usize,
     consumers: usize,
     messages: u64,
+    dedup: bool,
 ) -> anyhow::Result<Figures> {
     let transport = RedisTransport::connect(url, RedisOptions::default().prefix(prefix)).await?;
     let channel = ChannelName::new("bench.pipeline")?;
@@ -132,7 +136,11 @@ async fn through_agentbus(
                 max_messages: Some(10_000_000),
                 max_bytes: Some(1 << 32),
                 discard: Discard::RejectNew,
-                dedup_window: Duration::ZERO,
+                dedup_window: if dedup {
+                    ChannelConfig::default().dedup_window
+                } else {
+                    Duration::ZERO
+                },
                 ..ChannelConfig::default()
             },
         )
@@ -330,13 +338,20 @@ async fn through_raw_client(
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let messages: u64 = args.next().map_or(Ok(50_000), |a| a.parse())?;
+    let (flags, mut args): (Vec<String>, Vec<String>) =
+        std::env::args().skip(1).partition(|a| a.starts_with("--"));
+    let dedup = flags.iter().any(|f| f == "--dedup");
+    if let Some(unknown) = flags.iter().find(|f| *f != "--dedup") {
+        anyhow::bail!("unknown flag {unknown}: the only flag is --dedup");
+    }
+    args.reverse();
+    let messages: u64 = args.pop().map_or(Ok(50_000), |a| a.parse())?;
     let url = args
-        .next()
+        .pop()
         .unwrap_or_else(|| "redis://127.0.0.1:6379".to_string());
     println!(
-        "publish → consume → ack, {PAYLOAD} B payloads, batches of {BATCH}, {messages} messages per run"
+        "publish → consume → ack, {PAYLOAD} B payloads, batches of {BATCH}, {messages} messages per run, agentbus dedup {}",
+        if dedup { "on (2-minute window)" } else { "off" }
     );
     for (producers, consumers) in [(1, 1), (8, 8)] {
         let prefix = format!("abbench-{:08x}", fastrand::u32(..));
@@ -349,7 +364,7 @@ async fn main() -> anyhow::Result<()> {
         let bus = measured(
             &url,
             messages,
-            through_agentbus(&url, &prefix, producers, consumers, messages),
+            through_agentbus(&url, &prefix, producers, consumers, messages, dedup),
         )
         .await?;
         println!(

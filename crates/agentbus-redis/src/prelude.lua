@@ -7,7 +7,10 @@ local function gkey(g) return P .. ':g:' .. g end
 local function schedkey(g) return P .. ':gs:' .. g end
 local function errkey(g) return P .. ':ge:' .. g end
 local function memkey(g) return P .. ':gm:' .. g end
-local function num(n) return string.format('%.0f', n) end
+-- Integers as decimal strings. `%d` (every number here is a whole number below 2^53):
+-- `%.0f` went through glibc's multi-precision float printing, a measurable share of a
+-- publish's server time.
+local function num(n) return string.format('%d', n) end
 
 local function split(s)
   local t = {}

@@ -163,8 +163,9 @@ local function now_ms()
   return clock
 end
 
--- The common case (no duplicate, room left) costs one XADD (and one SET with dedup):
--- everything else is computed once per channel per call.
+-- The common case (no duplicate, room left) costs one XADD per message (with dedup, one
+-- HMGET per bucket and run and one HSET per bucket and call besides): everything else is
+-- computed once per channel per call.
 local function xadd(sk, eid, msg, dl, nb)
   if dl == '' and nb == '' then
     redis.call('XADD', sk, eid, 'm', msg)
@@ -177,10 +178,57 @@ local function xadd(sk, eid, msg, dl, nb)
   end
 end
 
--- The message whose XADD is under way: if it fails, its counts are taken back.
-local storing = nil
+-- The channel state and size of the message whose XADD is under way: if it fails, its
+-- counts are taken back. (Two locals, not a table: one table per message was a
+-- measurable share of the script's own work.)
+local storing_st, storing_size = nil, nil
 
-local function publish_one(st, ch, sk, id, msg)
+-- Dedup memory: the ids of one dedup window width live in hashes, one per time bucket
+-- of that width: `P:dd:<window>:<n>` with n = floor(now / window), field = message id,
+-- value `seq:groups:ms` (`ms` = when it was stored). A lookup reads the current and the
+-- previous bucket and counts a hit only when it is younger than the window, so an id is
+-- remembered exactly as long as the window; a bucket expires when no window can reach
+-- it any more. A hash, unlike a key per id, can be read and written for a whole run of
+-- messages with one command each (`HMGET`, `HSET`), which is what makes dedup cheap.
+local buckets = {}
+local function dedup_buckets(w)
+  local dd = buckets[w]
+  if dd then return dd end
+  local n = math.floor(now_ms() / w)
+  local base = P .. ':dd:' .. num(w) .. ':'
+  dd = {cur = base .. num(n), prev = base .. num(n - 1), expire = (n + 2) * w,
+    stamp = ':' .. num(now_ms()), this_call = {}, pending = {}}
+  dd.prev_live = redis.call('EXISTS', dd.prev) == 1
+  buckets[w] = dd
+  return dd
+end
+
+-- The receipt of a duplicate from a remembered `seq:groups:ms`, or nil when that is
+-- older than the window `w`.
+local function remembered(seen, w)
+  local a = string.find(seen, ':', 1, true)
+  local b = string.find(seen, ':', a + 1, true)
+  if now_ms() - tonumber(string.sub(seen, b + 1)) >= w then return nil end
+  return {1, tonumber(string.sub(seen, 1, a - 1)), tonumber(string.sub(seen, a + 1, b - 1))}
+end
+
+-- What the dedup buckets remember of the `k` messages whose arguments start at ARGV[i]:
+-- one HMGET per bucket for the whole run. Entry x is the value or false.
+local function lookup_run(dd, i, k)
+  local ids = {}
+  for j = i, i + 2 * k - 2, 2 do ids[#ids + 1] = string.sub(ARGV[j], 1, 36) end
+  local seen = {}
+  -- unpack has a stack limit: at most 1000 fields per command.
+  for from = 1, k, 1000 do
+    local to = math.min(from + 999, k)
+    local cur = redis.call('HMGET', dd.cur, unpack(ids, from, to))
+    local old = dd.prev_live and redis.call('HMGET', dd.prev, unpack(ids, from, to))
+    for x = from, to do seen[x] = cur[x - from + 1] or (old and old[x - from + 1]) end
+  end
+  return seen
+end
+
+local function publish_one(st, ch, sk, id, msg, seen)
   local dl, nb = '', ''
   if #id ~= 36 then
     -- `id|deadline|not_before`
@@ -190,13 +238,14 @@ local function publish_one(st, ch, sk, id, msg)
     id = string.sub(id, 1, a - 1)
   end
   local size = #msg
-  local ddk
+  local dd
   if st.dedup_on then
-    ddk = P .. ':dd:' .. id
-    local seen = redis.call('GET', ddk)
+    dd = buckets[st.dedup]
+    -- A message stored earlier in this call is not in the buckets yet.
+    seen = dd.this_call[id] or seen
     if seen then
-      local sep = string.find(seen, ':', 1, true)
-      return {1, tonumber(string.sub(seen, 1, sep - 1)), tonumber(string.sub(seen, sep + 1))}
+      local receipt = remembered(seen, st.dedup)
+      if receipt then return receipt end
     end
   end
   if (st.max_msgs ~= nil and st.count + 1 > st.max_msgs) or
@@ -215,16 +264,24 @@ local function publish_one(st, ch, sk, id, msg)
     st.lastms = st.ms
     st.idp = num(st.ms) .. '-'
   end
-  storing = {st, size}
-  xadd(sk, st.idp .. num(seq), msg, dl, nb)
-  storing = nil
-  if ddk then
-    redis.call('SET', ddk, seq .. ':' .. st.ngroups, 'PX', st.dedup)
+  storing_st, storing_size = st, size
+  if dl == '' and nb == '' then
+    redis.call('XADD', sk, st.idp .. num(seq), 'm', msg)
+  else
+    xadd(sk, st.idp .. num(seq), msg, dl, nb)
+  end
+  storing_st = nil
+  if dd then
+    local v = num(seq) .. ':' .. st.ngroups .. dd.stamp
+    dd.this_call[id] = v
+    dd.pending[#dd.pending + 1] = id
+    dd.pending[#dd.pending + 1] = v
   end
   return seq
 end
 
 local replies = {{}}
+local nreplies = 1
 local function publish_all()
   local i = 2
   while i <= #ARGV do
@@ -232,21 +289,25 @@ local function publish_all()
     local st = states[ch] or state(ch)
     local sk = st.keys[lane] or skey(ch, lane)
     i = i + 3
+    local seen = false
+    if st.dedup_on then seen = lookup_run(dedup_buckets(st.dedup), i, k) end
     for j = i, i + 2 * k - 1, 2 do
-      replies[#replies + 1] = publish_one(st, ch, sk, ARGV[j], ARGV[j + 1])
+      nreplies = nreplies + 1
+      replies[nreplies] = publish_one(st, ch, sk, ARGV[j], ARGV[j + 1],
+        seen and seen[(j - i) / 2 + 1])
     end
     i = i + 2 * k
   end
 end
 -- A command that fails (e.g. XADD when the server is out of memory) ends the call, but
 -- only after the counters are written back: the messages stored before it keep their
--- sequences, and no later publish reuses one. (The dedup key of a message is set only
--- after it is stored, so a retry is never taken for a duplicate of a message that was
+-- sequences, and no later publish reuses one. (A message is remembered for dedup only
+-- once it is stored, so a retry is never taken for a duplicate of a message that was
 -- not stored.)
 local ok, failure = pcall(publish_all)
-if not ok and storing then
-  local st, size = storing[1], storing[2]
-  st.seq, st.count, st.bytes = st.seq - 1, st.count - 1, st.bytes - size
+if not ok and storing_st then
+  local st = storing_st
+  st.seq, st.count, st.bytes = st.seq - 1, st.count - 1, st.bytes - storing_size
 end
 local groups = replies[1]
 for _, ch in ipairs(touched) do
@@ -256,6 +317,16 @@ for _, ch in ipairs(touched) do
   if st.dropped > 0 then redis.call('HINCRBY', st.ck, 'dropped', st.dropped) end
   groups[#groups + 1] = ch
   groups[#groups + 1] = st.ngroups
+end
+-- The stored messages are remembered for dedup, one HSET per bucket, also after a failure.
+for _, dd in pairs(buckets) do
+  local pending = dd.pending
+  if #pending > 0 then
+    for from = 1, #pending, 1000 do
+      redis.call('HSET', dd.cur, unpack(pending, from, math.min(from + 999, #pending)))
+    end
+    redis.call('PEXPIREAT', dd.cur, num(dd.expire))
+  end
 end
 -- The messages before the failure are stored, which a failed publish allows ("may or
 -- may not have been stored").

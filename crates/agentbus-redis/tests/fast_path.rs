@@ -396,3 +396,96 @@ async fn a_failed_store_gives_back_its_sequence() {
     );
     transport.delete_everything().await.unwrap();
 }
+
+/// Dedup inside one publish call: the second message with an id already stored in the
+/// same batch gets the first one's receipt, takes no sequence, and the id is remembered
+/// for later calls too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_inside_one_batch_gets_the_first_ones_receipt() {
+    let transport = transport().await;
+    let channel = ChannelName::new("fast.dedup.batch").unwrap();
+    let first = Envelope::new(channel.clone(), "n", &b"1"[..]);
+    let mut again = Envelope::new(channel.clone(), "n", &b"2"[..]);
+    again.header.id = first.header.id;
+    let other = Envelope::new(channel.clone(), "n", &b"3"[..]);
+    let results: Vec<_> = transport
+        .publish_batch(vec![first.clone(), again, other])
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(!results[0].duplicate, "{results:?}");
+    assert!(results[1].duplicate, "{results:?}");
+    assert_eq!(results[1].sequence, results[0].sequence, "{results:?}");
+    assert!(!results[2].duplicate, "{results:?}");
+    assert_eq!(results[2].sequence, results[0].sequence + 1, "{results:?}");
+
+    let later = transport.publish(first).await.unwrap();
+    assert!(later.duplicate, "{later:?}");
+    assert_eq!(later.sequence, results[0].sequence);
+    transport.delete_everything().await.unwrap();
+}
+
+/// The server's clock in ms.
+async fn server_ms(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let (s, us): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+    s * 1000 + us / 1000
+}
+
+/// Dedup memory lives in one hash per window-wide time bucket (`P:dd:<window>:<n>`): a
+/// lookup reads the previous bucket too, and an id stored longer ago than the window
+/// is no duplicate any more, wherever it still lies. The remembered entries are
+/// written straight into the previous bucket, as a publish one bucket earlier left them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_reads_the_previous_bucket_and_forgets_ids_older_than_the_window() {
+    let transport = transport().await;
+    let client = redis::Client::open(url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let channel = ChannelName::new("fast.dedup.buckets").unwrap();
+    const WINDOW_MS: u64 = 60_000;
+    transport
+        .configure_channels(
+            ChannelPattern::from(channel.clone()),
+            agentbus::ChannelConfig {
+                dedup_window: Duration::from_millis(WINDOW_MS),
+                ..agentbus::ChannelConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+    // A bucket boundary between reading the clock and publishing moves "previous"
+    // along: then the attempt proves nothing and runs again with fresh ids.
+    for _ in 0..3 {
+        let recent = Envelope::new(channel.clone(), "n", &b"recent"[..]);
+        let stale = Envelope::new(channel.clone(), "n", &b"stale"[..]);
+        let now = server_ms(&mut conn).await;
+        let bucket = format!(
+            "{}:dd:{WINDOW_MS}:{}",
+            transport.prefix(),
+            now / WINDOW_MS - 1
+        );
+        let _: () = redis::cmd("HSET")
+            .arg(&bucket)
+            .arg(recent.header.id.to_string())
+            .arg(format!("41:2:{now}"))
+            .arg(stale.header.id.to_string())
+            .arg(format!("42:2:{}", now - WINDOW_MS - 1))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let recent_receipt = transport.publish(recent).await.unwrap();
+        let stale_receipt = transport.publish(stale).await.unwrap();
+        if server_ms(&mut conn).await / WINDOW_MS != now / WINDOW_MS {
+            continue;
+        }
+        assert!(recent_receipt.duplicate, "{recent_receipt:?}");
+        assert_eq!(recent_receipt.sequence, 41, "the remembered receipt");
+        assert!(
+            !stale_receipt.duplicate,
+            "older than the window: {stale_receipt:?}"
+        );
+        transport.delete_everything().await.unwrap();
+        return;
+    }
+    panic!("three bucket boundaries in three attempts");
+}
