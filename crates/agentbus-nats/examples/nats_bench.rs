@@ -3,8 +3,10 @@
 //! from elsewhere on a shared machine hits both sides); latencies are over all
 //! rounds, rates are the median round.
 //!
-//! 1. request/reply round trip (sequential; p50/p99): raw = core NATS `request` to a
-//!    core responder; agentbus = `Bus::request` to a `Bus` responder;
+//! 1. request/reply round trip (sequential; p50/p99) of a typed `Echo` (256 bytes of
+//!    JSON): raw = core NATS `request` to a core responder, each side encoding and
+//!    decoding the JSON itself with serde_json; agentbus = `Bus::request` to a `Bus`
+//!    responder (which do the same serde work: encode, decode, encode, decode);
 //! 2. JetStream publish with a synchronous ack (sequential; msg/s): raw =
 //!    `jetstream.publish(..).await?.await?`; agentbus = `Transport::publish`;
 //! 3. consume + ack (msg/s) of the published backlog (N messages, read whole by a new
@@ -106,8 +108,13 @@ async fn main() -> Res<()> {
         let answering = client.clone();
         tokio::spawn(async move {
             while let Some(m) = responder.next().await {
-                if let Some(reply) = m.reply {
-                    let _ = answering.publish(reply, m.payload).await;
+                // The same typed work as the `Bus` responder: decode the request,
+                // encode the reply.
+                if let (Some(reply), Ok(e)) = (m.reply, serde_json::from_slice::<Echo>(&m.payload))
+                {
+                    if let Ok(body) = serde_json::to_vec(&e) {
+                        let _ = answering.publish(reply, body.into()).await;
+                    }
                 }
             }
         })
@@ -139,9 +146,12 @@ async fn main() -> Res<()> {
         let count = if round == 0 { 50 } else { rr_n / ROUNDS };
         for _ in 0..count {
             let t = Instant::now();
-            client
-                .request(format!("{raw_stream}.rr"), body.clone())
+            // Typed like `Bus::request`: encode the request, decode the reply.
+            let request = serde_json::to_vec(&echo)?;
+            let reply = client
+                .request(format!("{raw_stream}.rr"), request.into())
                 .await?;
+            let _: Echo = serde_json::from_slice(&reply.payload)?;
             if round > 0 {
                 raw_rr.record(t.elapsed().as_micros() as u64)?;
             }

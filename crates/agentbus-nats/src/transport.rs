@@ -352,14 +352,10 @@ impl NatsTransport {
 
     /// A reply to a core request: straight to the requester's inbox subject.
     async fn reply_core(&self, envelope: Envelope) -> Result<PublishReceipt> {
-        let headers = wire::encode(&envelope, false);
+        let frame = wire::encode_core(&envelope);
         self.inner
             .client
-            .publish_with_headers(
-                envelope.channel.as_str().to_string(),
-                headers,
-                envelope.payload,
-            )
+            .publish(envelope.channel.as_str().to_string(), frame)
             .await
             .map_err(|e| backend(format!("replying on '{}'", envelope.channel), e))?;
         Ok(PublishReceipt {
@@ -1097,11 +1093,10 @@ impl Transport for NatsTransport {
         // every request, no SUB/UNSUB per request); it is only known once sent, so the
         // responder takes `reply_to` from the NATS message's reply subject.
         envelope.header.reply_to = None;
-        let headers = wire::encode(&envelope, false);
+        let frame = wire::encode_core(&envelope);
         let subject = wire::request_subject(&self.inner.options.prefix, channel.as_str());
         let request = async_nats::Request::new()
-            .payload(envelope.payload)
-            .headers(headers)
+            .payload(frame)
             .timeout(Some(timeout));
         match self.inner.client.send_request(subject, request).await {
             Ok(reply) => {
@@ -1157,11 +1152,11 @@ impl Transport for NatsTransport {
                     e,
                 )
             })?;
-        let headers = wire::encode(&envelope, false);
+        let frame = wire::encode_core(&envelope);
         let subject = wire::request_subject(&self.inner.options.prefix, channel.as_str());
         self.inner
             .client
-            .publish_with_reply_and_headers(subject, inbox, headers, envelope.payload)
+            .publish_with_reply(subject, inbox, frame)
             .await
             .map_err(|e| backend(format!("sending a gather on '{channel}'"), e))?;
         let groups = self.count_groups(&channel);
