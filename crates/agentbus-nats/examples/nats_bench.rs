@@ -18,8 +18,13 @@
 //!    double ack), and `ack_all` returns once the batch's acks were written to the
 //!    socket, which the raw side's flush matches.
 //!
+//! The raw side publishes without `Nats-Msg-Id`, so JetStream does no dedup for it;
+//! agentbus's bench channel has dedup off too (`dedup_window` 0: no `Nats-Msg-Id`), as
+//! in the Redis bench. `--dedup` keeps agentbus's default window (2 minutes), as users
+//! get it: every stored message then carries `Nats-Msg-Id` and JetStream checks it.
+//!
 //! ```text
-//! cargo run --release -p agentbus-nats --example nats_bench -- [nats://127.0.0.1:4222] [N]
+//! cargo run --release -p agentbus-nats --example nats_bench -- [nats://127.0.0.1:4222] [N] [--dedup]
 //! ```
 //!
 //! Every run uses fresh streams (memory storage, so the disk does not dominate) and
@@ -28,7 +33,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentbus::{ack_all, Bus, ChannelName, ChannelPattern, Envelope, SubscribeOptions, Transport};
+use agentbus::{
+    ack_all, Bus, ChannelConfig, ChannelName, ChannelPattern, Envelope, SubscribeOptions, Transport,
+};
 use agentbus_bench::Echo;
 use agentbus_nats::{NatsOptions, NatsStorage, NatsTransport};
 use async_nats::jetstream::{self, consumer::pull, stream};
@@ -75,7 +82,13 @@ fn overhead(raw: f64, ours: f64, lower_is_better: bool) -> String {
 
 #[tokio::main]
 async fn main() -> Res<()> {
-    let mut args = std::env::args().skip(1);
+    let (flags, positional): (Vec<String>, Vec<String>) =
+        std::env::args().skip(1).partition(|a| a.starts_with("--"));
+    let dedup = flags.iter().any(|f| f == "--dedup");
+    if let Some(unknown) = flags.iter().find(|f| *f != "--dedup") {
+        return Err(format!("unknown flag {unknown}: the only flag is --dedup").into());
+    }
+    let mut args = positional.into_iter();
     let url = args
         .next()
         .unwrap_or_else(|| "nats://127.0.0.1:4222".to_string());
@@ -191,6 +204,27 @@ async fn main() -> Res<()> {
         })
         .await?;
     let channel = ChannelName::new("bench.js")?;
+    transport
+        .configure_channels(
+            ChannelPattern::from(channel.clone()),
+            ChannelConfig {
+                dedup_window: if dedup {
+                    ChannelConfig::default().dedup_window
+                } else {
+                    Duration::ZERO
+                },
+                ..ChannelConfig::default()
+            },
+        )
+        .await?;
+    println!(
+        "agentbus dedup on the JetStream channel: {}",
+        if dedup {
+            "on (default window: Nats-Msg-Id on every message)"
+        } else {
+            "off, as on the raw side (no Nats-Msg-Id)"
+        }
+    );
     // A group exists while publishing, so receipts count it as in real use.
     drop(
         transport
