@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use agentbus::{
     ack_all, ChannelName, ChannelPattern, Consumer, DeadLetterFilter, DeadReason, Delivery,
-    Envelope, Priority, SubscribeOptions, Transport,
+    Envelope, GroupStats, Priority, SubscribeOptions, Transport,
 };
 use agentbus_redis::{RedisOptions, RedisTransport};
 
@@ -33,6 +33,27 @@ async fn idle_once(consumer: &mut dyn Consumer) {
     );
 }
 
+/// A consumer subscribed with `options` that has idled once (see [`idle_once`]), so
+/// its next takes are native.
+async fn native_consumer(
+    transport: &RedisTransport,
+    options: SubscribeOptions,
+) -> Box<dyn Consumer> {
+    let mut consumer = transport.subscribe(options).await.unwrap();
+    idle_once(&mut *consumer).await;
+    consumer
+}
+
+/// The statistics of group `name`.
+async fn group_stats(transport: &RedisTransport, name: &str) -> GroupStats {
+    let stats = transport.stats().await.unwrap();
+    stats
+        .groups
+        .into_iter()
+        .find(|g| g.group == name)
+        .unwrap_or_else(|| panic!("no group {name} in the statistics"))
+}
+
 fn number(d: &Delivery) -> u64 {
     String::from_utf8_lossy(&d.envelope().payload)
         .parse()
@@ -43,15 +64,13 @@ fn number(d: &Delivery) -> u64 {
 async fn a_multi_lane_surplus_is_handed_back_and_served_in_priority_order_as_first_deliveries() {
     let transport = transport().await;
     let channel = ChannelName::new("fast.lanes").unwrap();
-    let mut consumer = transport
-        .subscribe(
-            SubscribeOptions::new(ChannelPattern::from(channel.clone()))
-                .group("lanes")
-                .prefetch(2),
-        )
-        .await
-        .unwrap();
-    idle_once(&mut *consumer).await;
+    let mut consumer = native_consumer(
+        &transport,
+        SubscribeOptions::new(ChannelPattern::from(channel.clone()))
+            .group("lanes")
+            .prefetch(2),
+    )
+    .await;
 
     // Three rounds over the four priorities, in one batch: the native read with room
     // 2 sees entries in all four lanes and must hand back what it cannot deliver.
@@ -93,8 +112,7 @@ async fn a_multi_lane_surplus_is_handed_back_and_served_in_priority_order_as_fir
     // Critical (n % 4 == 3) first, low last; publish order within a priority.
     assert_eq!(got, vec![3, 7, 11, 2, 6, 10, 1, 5, 9, 0, 4, 8]);
 
-    let stats = transport.stats().await.unwrap();
-    let group = stats.groups.iter().find(|g| g.group == "lanes").unwrap();
+    let group = group_stats(&transport, "lanes").await;
     assert_eq!(
         (group.delivered, group.redelivered, group.acked),
         (12, 0, 12),
@@ -109,11 +127,11 @@ async fn a_multi_lane_surplus_is_handed_back_and_served_in_priority_order_as_fir
 async fn a_native_read_dead_letters_expired_entries_and_parks_delayed_ones() {
     let transport = transport().await;
     let channel = ChannelName::new("fast.time").unwrap();
-    let mut consumer = transport
-        .subscribe(SubscribeOptions::new(ChannelPattern::from(channel.clone())).group("time"))
-        .await
-        .unwrap();
-    idle_once(&mut *consumer).await;
+    let mut consumer = native_consumer(
+        &transport,
+        SubscribeOptions::new(ChannelPattern::from(channel.clone())).group("time"),
+    )
+    .await;
 
     let expiring =
         Envelope::new(channel.clone(), "n", &b"1"[..]).with_ttl(Duration::from_millis(100));
@@ -206,8 +224,7 @@ async fn a_batch_ack_after_a_claim_elsewhere_reports_exactly_the_entry_lost() {
         .expect_err("one of the two was acked elsewhere");
     assert_eq!(error.kind(), agentbus::ErrorKind::AlreadySettled, "{error}");
     // The other one was acked by the slow consumer's batch: nothing is left.
-    let stats = transport.stats().await.unwrap();
-    let group = stats.groups.iter().find(|g| g.group == "claims").unwrap();
+    let group = group_stats(&transport, "claims").await;
     assert_eq!((group.pending, group.in_flight), (0, 0), "{group:?}");
     assert_eq!(group.acked, 2, "{group:?}");
     assert!(held.iter().any(|d| number(d) == lost));
@@ -221,15 +238,13 @@ async fn a_batch_ack_after_a_claim_elsewhere_reports_exactly_the_entry_lost() {
 async fn a_bulk_ack_acks_every_entry_of_the_batch() {
     let transport = transport().await;
     let channel = ChannelName::new("fast.bulk").unwrap();
-    let mut consumer = transport
-        .subscribe(
-            SubscribeOptions::new(ChannelPattern::from(channel.clone()))
-                .group("bulk")
-                .prefetch(64),
-        )
-        .await
-        .unwrap();
-    idle_once(&mut *consumer).await;
+    let mut consumer = native_consumer(
+        &transport,
+        SubscribeOptions::new(ChannelPattern::from(channel.clone()))
+            .group("bulk")
+            .prefetch(64),
+    )
+    .await;
     let batch: Vec<Envelope> = (0..40u64)
         .map(|n| {
             Envelope::new(channel.clone(), "n", n.to_string().into_bytes()).with_priority(
@@ -255,8 +270,7 @@ async fn a_bulk_ack_acks_every_entry_of_the_batch() {
     }
     got.sort_unstable();
     assert_eq!(got, (0..40).collect::<Vec<_>>());
-    let stats = transport.stats().await.unwrap();
-    let group = stats.groups.iter().find(|g| g.group == "bulk").unwrap();
+    let group = group_stats(&transport, "bulk").await;
     assert_eq!(
         (group.acked, group.pending, group.in_flight),
         (40, 0, 0),
@@ -273,11 +287,11 @@ async fn a_bulk_ack_acks_every_entry_of_the_batch() {
 async fn a_take_is_counted_by_the_next_take_when_nothing_is_acked() {
     let transport = transport().await;
     let channel = ChannelName::new("fast.count").unwrap();
-    let mut consumer = transport
-        .subscribe(SubscribeOptions::new(ChannelPattern::from(channel.clone())).group("count"))
-        .await
-        .unwrap();
-    idle_once(&mut *consumer).await;
+    let mut consumer = native_consumer(
+        &transport,
+        SubscribeOptions::new(ChannelPattern::from(channel.clone())).group("count"),
+    )
+    .await;
     for n in 0..3u64 {
         transport
             .publish(Envelope::new(
@@ -299,8 +313,7 @@ async fn a_take_is_counted_by_the_next_take_when_nothing_is_acked() {
     }
     // Nothing more to take: the next take finds nothing, and counts the three.
     idle_once(&mut *consumer).await;
-    let stats = transport.stats().await.unwrap();
-    let group = stats.groups.iter().find(|g| g.group == "count").unwrap();
+    let group = group_stats(&transport, "count").await;
     assert_eq!((group.delivered, group.acked), (3, 0), "{group:?}");
     assert_eq!(group.in_flight, 3, "{group:?}");
     drop((held, consumer));
