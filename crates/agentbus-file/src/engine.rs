@@ -1313,18 +1313,7 @@ impl Consumer for FileConsumer {
             &settler,
             || {
                 shared.check_open()?;
-                shared
-                    .inner
-                    .lock()
-                    .wakers
-                    .get(&group)
-                    .cloned()
-                    .ok_or_else(|| {
-                        Error::new(
-                            ErrorKind::Closed,
-                            "this subscription's group was deleted; subscribe again",
-                        )
-                    })
+                Ok(shared.inner.lock().wakers.get(&group).cloned())
             },
             || {
                 let (taken, _) = shared.with_state(|state, now, wake, journal| {
