@@ -24,8 +24,13 @@
 //! get it: every stored message then carries `Nats-Msg-Id` and JetStream checks it.
 //!
 //! ```text
-//! cargo run --release -p agentbus-nats --example nats_bench -- [nats://127.0.0.1:4222] [N] [--dedup]
+//! cargo run --release -p agentbus-nats --example nats_bench -- [nats://127.0.0.1:4222] [N] [--dedup] [--only rr|publish|consume]
 //! ```
+//!
+//! `--only` runs one workload (consume still publishes its backlog first, untimed), and
+//! `--side=raw|agentbus` (with `--only=consume`) one side of it: for profiling one path,
+//! e.g. under `valgrind --tool=callgrind`. Rounds then no longer alternate, so compare
+//! rates from full runs only.
 //!
 //! Every run uses fresh streams (memory storage, so the disk does not dominate) and
 //! deletes them at the end.
@@ -53,7 +58,8 @@ const ROUNDS: u64 = 5;
 /// The median of `rates` (sorted in place).
 fn median(rates: &mut [f64]) -> f64 {
     rates.sort_by(f64::total_cmp);
-    rates[rates.len() / 2]
+    // NaN (printed as such) for a side `--side` left out.
+    rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 struct Row {
@@ -85,9 +91,40 @@ async fn main() -> Res<()> {
     let (flags, positional): (Vec<String>, Vec<String>) =
         std::env::args().skip(1).partition(|a| a.starts_with("--"));
     let dedup = flags.iter().any(|f| f == "--dedup");
-    if let Some(unknown) = flags.iter().find(|f| *f != "--dedup") {
-        return Err(format!("unknown flag {unknown}: the only flag is --dedup").into());
+    let value = |name: &str| {
+        flags
+            .iter()
+            .find_map(|f| f.strip_prefix(name))
+            .map(str::to_string)
+    };
+    let (only, side) = (value("--only="), value("--side="));
+    if let Some(unknown) = flags
+        .iter()
+        .find(|f| *f != "--dedup" && !f.starts_with("--only=") && !f.starts_with("--side="))
+    {
+        return Err(format!(
+            "unknown flag {unknown}: the flags are --dedup, --only=rr|publish|consume and \
+             --side=raw|agentbus (with --only=consume)"
+        )
+        .into());
     }
+    if let Some(o) = only
+        .as_deref()
+        .filter(|o| !["rr", "publish", "consume"].contains(o))
+    {
+        return Err(format!("--only={o}: pick rr, publish or consume").into());
+    }
+    if side.is_some() && only.as_deref() != Some("consume") {
+        return Err("--side needs --only=consume".into());
+    }
+    if let Some(s) = side.as_deref().filter(|s| !["raw", "agentbus"].contains(s)) {
+        return Err(format!("--side={s}: pick raw or agentbus").into());
+    }
+    let (raw_side, our_side) = (
+        side.as_deref() != Some("agentbus"),
+        side.as_deref() != Some("raw"),
+    );
+    let runs = |workload: &str| only.as_deref().is_none_or(|o| o == workload);
     let mut args = positional.into_iter();
     let url = args
         .next()
@@ -154,7 +191,9 @@ async fn main() -> Res<()> {
     };
     let body = bytes::Bytes::from(payload.clone());
     let (mut raw_rr, mut ours_rr) = (histogram(), histogram());
-    for round in 0..=ROUNDS {
+    #[allow(clippy::reversed_empty_ranges)] // no rounds at all when rr is not run
+    let rr_rounds = if runs("rr") { 0..=ROUNDS } else { 1..=0 };
+    for round in rr_rounds {
         // Round 0 warms both up and is not recorded.
         let count = if round == 0 { 50 } else { rr_n / ROUNDS };
         for _ in 0..count {
@@ -184,7 +223,10 @@ async fn main() -> Res<()> {
     for (q, name) in [
         (0.5, "request/reply p50 (µs)"),
         (0.99, "request/reply p99 (µs)"),
-    ] {
+    ]
+    .into_iter()
+    .filter(|_| runs("rr"))
+    {
         let (r, o) = (micros(&raw_rr, q), micros(&ours_rr, q));
         rows.push(Row {
             workload: name,
@@ -233,40 +275,72 @@ async fn main() -> Res<()> {
             )
             .await?,
     );
-    let (mut raw_rates, mut our_rates) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        let t = Instant::now();
-        for _ in 0..n / ROUNDS {
-            js.publish(format!("{raw_stream}.js.x"), body.clone())
-                .await?
-                .await?;
+    let envelope = || Envelope::new(channel.clone(), "bench.blob", payload.clone().into_bytes());
+    if runs("publish") {
+        let (mut raw_rates, mut our_rates) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            let t = Instant::now();
+            for _ in 0..n / ROUNDS {
+                js.publish(format!("{raw_stream}.js.x"), body.clone())
+                    .await?
+                    .await?;
+            }
+            raw_rates.push((n / ROUNDS) as f64 / t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            for _ in 0..n / ROUNDS {
+                transport.publish(envelope()).await?;
+            }
+            our_rates.push((n / ROUNDS) as f64 / t.elapsed().as_secs_f64());
         }
-        raw_rates.push((n / ROUNDS) as f64 / t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        for _ in 0..n / ROUNDS {
-            transport
-                .publish(Envelope::new(
-                    channel.clone(),
-                    "bench.blob",
-                    payload.clone().into_bytes(),
-                ))
-                .await?;
+        let (raw_pub, ours_pub) = (median(&mut raw_rates), median(&mut our_rates));
+        rows.push(Row {
+            workload: "JetStream publish, sync ack (msg/s)",
+            raw: format!("{raw_pub:.0}"),
+            agentbus: format!("{ours_pub:.0}"),
+            overhead: overhead(raw_pub, ours_pub, false),
+        });
+    } else if runs("consume") {
+        // The backlog only, pipelined and untimed.
+        for _ in 0..(n / ROUNDS) {
+            let mut acks = Vec::with_capacity(ROUNDS as usize);
+            for _ in 0..ROUNDS {
+                acks.push(
+                    js.publish(format!("{raw_stream}.js.x"), body.clone())
+                        .await?,
+                );
+            }
+            for ack in acks {
+                ack.await?;
+            }
+            let envelopes = (0..ROUNDS).map(|_| envelope()).collect();
+            for receipt in transport.publish_batch(envelopes).await {
+                receipt?;
+            }
         }
-        our_rates.push((n / ROUNDS) as f64 / t.elapsed().as_secs_f64());
     }
-    let (raw_pub, ours_pub) = (median(&mut raw_rates), median(&mut our_rates));
-    rows.push(Row {
-        workload: "JetStream publish, sync ack (msg/s)",
-        raw: format!("{raw_pub:.0}"),
-        agentbus: format!("{ours_pub:.0}"),
-        overhead: overhead(raw_pub, ours_pub, false),
-    });
+    if !runs("consume") {
+        return finish(
+            rows,
+            n,
+            rr_n,
+            &url,
+            transport,
+            &js,
+            &raw_stream,
+            &client,
+            &prefix,
+        )
+        .await;
+    }
 
     // 3. Consume + ack of the whole backlog, alternating rounds, each with a new
     //    consumer (raw) or group (agentbus) reading from the start.
     let total = (n / ROUNDS) * ROUNDS;
     let (mut raw_rates, mut our_rates) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
+        if !raw_side {
+            break;
+        }
         let consumer = raw_js
             .create_consumer(pull::Config {
                 durable_name: Some(format!("raw{round}")),
@@ -286,6 +360,11 @@ async fn main() -> Res<()> {
             client.flush().await?;
         }
         raw_rates.push(total as f64 / t.elapsed().as_secs_f64());
+    }
+    for round in 0..ROUNDS {
+        if !our_side {
+            break;
+        }
         let group = SubscribeOptions::new(ChannelPattern::from(channel.clone()))
             .group(format!("consumers{round}"))
             .prefetch(64)
@@ -308,7 +387,33 @@ async fn main() -> Res<()> {
         overhead: overhead(raw_consume, ours_consume, false),
     });
     let _ = raw_js.info().await;
+    finish(
+        rows,
+        n,
+        rr_n,
+        &url,
+        transport,
+        &js,
+        &raw_stream,
+        &client,
+        &prefix,
+    )
+    .await
+}
 
+/// Prints the table and deletes what the run created.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    rows: Vec<Row>,
+    n: u64,
+    rr_n: u64,
+    url: &str,
+    transport: Arc<NatsTransport>,
+    js: &jetstream::Context,
+    raw_stream: &str,
+    client: &async_nats::Client,
+    prefix: &str,
+) -> Res<()> {
     println!(
         "NATS benchmark: {n} messages ({rr_n} round trips), {PAYLOAD}-byte payloads, memory storage, \
          {ROUNDS} alternating rounds per workload (rates: median round), {url}"
@@ -324,7 +429,7 @@ async fn main() -> Res<()> {
         );
     }
     transport.close().await?;
-    js.delete_stream(&raw_stream).await?;
-    NatsTransport::delete_prefix(&client, &prefix).await?;
+    js.delete_stream(raw_stream).await?;
+    NatsTransport::delete_prefix(client, prefix).await?;
     Ok(())
 }
