@@ -12,7 +12,7 @@
 //! rings the doorbell (a core NATS subscription), a settle of its own frees room, or
 //! `idle_poll` passes (for ack-wait redeliveries no publish announces).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +31,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use futures::{FutureExt, StreamExt};
 use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::options::invalid_input;
@@ -143,7 +144,8 @@ pub(crate) struct Shared {
     private: bool,
     max_deliveries: u32,
     ack_wait: Duration,
-    flights: Mutex<HashMap<u64, Flight>>,
+    /// Token → delivery; tokens are handed out in sequence, so Fx hashing suffices.
+    flights: Mutex<FxHashMap<u64, Flight>>,
     deferred: Mutex<Vec<Deferred>>,
     next_token: AtomicU64,
     wake: Notify,
@@ -281,7 +283,7 @@ impl NatsConsumer {
             private,
             max_deliveries: options.max_deliveries,
             ack_wait: info.ack_wait,
-            flights: Mutex::new(HashMap::new()),
+            flights: Mutex::new(FxHashMap::default()),
             deferred: Mutex::new(Vec::new()),
             next_token: AtomicU64::new(1),
             wake: Notify::new(),
@@ -433,8 +435,15 @@ impl Settler for Shared {
 
     async fn settle_many(&self, batch: Vec<(u64, Settlement)>) -> Vec<Result<()>> {
         let mut results = Vec::with_capacity(batch.len());
-        for (token, settlement) in batch {
-            let flight = self.flights.lock().remove(&token);
+        // One lock for the whole batch, not one per delivery.
+        let taken: Vec<(Option<Flight>, Settlement)> = {
+            let mut flights = self.flights.lock();
+            batch
+                .into_iter()
+                .map(|(token, settlement)| (flights.remove(&token), settlement))
+                .collect()
+        };
+        for (flight, settlement) in taken {
             results.push(match flight {
                 Some(flight) => self.apply(&flight, settlement).await,
                 None => Err(Error::new(

@@ -52,7 +52,7 @@ pub(crate) struct Inner {
     /// Group name → pattern, for every group on the stream (kept live from JetStream's
     /// consumer advisories).
     pub(crate) groups: RwLock<HashMap<String, ChannelPattern>>,
-    configs: Mutex<Vec<(ChannelPattern, ChannelConfig)>>,
+    configs: Mutex<Configs>,
     /// Per limited channel: (messages the server last reported, publishes since).
     estimates: Mutex<HashMap<String, (u64, u64)>>,
     /// Per channel with `max_bytes`: the mean size (`Envelope::size_bytes`) of this
@@ -139,7 +139,7 @@ impl NatsTransport {
             stream,
             dlq,
             groups: RwLock::new(HashMap::new()),
-            configs: Mutex::new(Vec::new()),
+            configs: Mutex::new(Configs::default()),
             estimates: Mutex::new(HashMap::new()),
             sizes: Mutex::new(HashMap::new()),
             stream_window: Mutex::new(stream_window),
@@ -231,23 +231,25 @@ impl NatsTransport {
 
     /// Applies the channel's limits to a publish and encodes it: the subject, the
     /// headers and the dedup window it is stored under.
-    async fn prepare_publish(
-        &self,
-        envelope: &Envelope,
-    ) -> Result<(String, async_nats::HeaderMap, Duration)> {
+    async fn prepare_publish(&self, envelope: &Envelope) -> Result<Prepared> {
         let config = self.config_for(&envelope.channel);
         if let Some(config) = &config {
             self.make_room(&envelope.channel, config, envelope.size_bytes() as u64)
                 .await?;
         }
         let window = self.dedup_window(config.as_ref());
-        let headers = wire::encode(envelope, !window.is_zero());
+        let (headers, payload) = wire::encode(envelope, !window.is_zero());
         let subject = wire::subject(
             &self.inner.options.prefix,
             envelope.header.priority,
             envelope.channel.as_str(),
         );
-        Ok((subject, headers, window))
+        Ok(Prepared {
+            subject,
+            headers,
+            payload,
+            window,
+        })
     }
 
     /// Stores a message, applying the channel's dedup `window` exactly: JetStream
@@ -257,13 +259,16 @@ impl NatsTransport {
     /// channel's window. With a zero window no dedup key is sent at all.
     async fn store(
         &self,
-        mut subject: String,
-        mut headers: async_nats::HeaderMap,
-        payload: bytes::Bytes,
+        prepared: Prepared,
         id: MessageId,
         channel: &ChannelName,
-        window: Duration,
     ) -> Result<jetstream::publish::PublishAck> {
+        let Prepared {
+            mut subject,
+            mut headers,
+            payload,
+            window,
+        } = prepared;
         // Only a channel window shorter than the stream's can need a second attempt:
         // otherwise the headers and subject are moved, not copied.
         let may_rekey = window < *self.inner.stream_window.lock();
@@ -272,12 +277,12 @@ impl NatsTransport {
             let (to, with) = if may_rekey {
                 (subject.clone(), headers.clone())
             } else {
-                (std::mem::take(&mut subject), std::mem::take(&mut headers))
+                (std::mem::take(&mut subject), headers.take())
             };
             let ack = self
                 .inner
                 .js
-                .publish_with_headers(to, with, payload.clone())
+                .send_publish(to, publication(with, payload.clone()))
                 .await
                 .map_err(|e| publish_error(channel, e))?
                 .await
@@ -286,10 +291,12 @@ impl NatsTransport {
                 return Ok(ack);
             }
             generation += 1;
-            headers.insert(
-                async_nats::header::NATS_MESSAGE_ID,
-                format!("{id}.{generation}").as_str(),
-            );
+            headers
+                .get_or_insert_with(async_nats::HeaderMap::new)
+                .insert(
+                    async_nats::header::NATS_MESSAGE_ID,
+                    format!("{id}.{generation}").as_str(),
+                );
         }
     }
 
@@ -352,7 +359,7 @@ impl NatsTransport {
 
     /// A reply to a core request: straight to the requester's inbox subject.
     async fn reply_core(&self, envelope: Envelope) -> Result<PublishReceipt> {
-        let frame = wire::encode_core(&envelope);
+        let frame = wire::encode_frame(&envelope);
         self.inner
             .client
             .publish(envelope.channel.as_str().to_string(), frame)
@@ -574,6 +581,22 @@ pub(crate) async fn subject_counts(
     Ok(counts)
 }
 
+/// Channel configurations: what `configure_channels` set, and which of them applies
+/// to each channel seen so far. Every publish and every delivery asks: matching each
+/// pattern against the name cost about 850 instructions per message (callgrind), a
+/// hash lookup a tenth of that.
+#[derive(Debug, Default)]
+struct Configs {
+    /// In the order set: the last match wins.
+    patterns: Vec<(ChannelPattern, ChannelConfig)>,
+    /// Channel name → its configuration; emptied by every `configure_channels`.
+    resolved: rustc_hash::FxHashMap<String, Option<ChannelConfig>>,
+}
+
+/// The most channels [`Configs::resolved`] remembers before it starts over: bounds its
+/// memory when a process touches very many channels.
+const MAX_RESOLVED_CONFIGS: usize = 4096;
+
 /// How many times a publish is re-keyed (`<id>.<n>`) past duplicates that are only
 /// duplicates in the stream's longer dedup window (bounds the loop; reached only by
 /// an id republished more than this many times within the stream's window).
@@ -583,12 +606,31 @@ impl Inner {
     /// The configuration of `channel`: the last `configure_channels` whose pattern
     /// matches it.
     pub(crate) fn config_for(&self, channel: &ChannelName) -> Option<ChannelConfig> {
-        self.configs
-            .lock()
+        let mut configs = self.configs.lock();
+        if let Some(known) = configs.resolved.get(channel.as_str()) {
+            return known.clone();
+        }
+        let config = configs
+            .patterns
             .iter()
             .rev()
             .find(|(p, _)| p.matches(channel))
-            .map(|(_, c)| c.clone())
+            .map(|(_, c)| c.clone());
+        if configs.resolved.len() >= MAX_RESOLVED_CONFIGS {
+            configs.resolved.clear();
+        }
+        configs
+            .resolved
+            .insert(channel.as_str().to_string(), config.clone());
+        config
+    }
+
+    /// Makes `config` the configuration of every channel `pattern` matches (see
+    /// [`Inner::config_for`]).
+    fn configure(&self, pattern: ChannelPattern, config: ChannelConfig) {
+        let mut configs = self.configs.lock();
+        configs.patterns.push((pattern, config));
+        configs.resolved.clear();
     }
 
     /// Counts a message dropped from `channel` by a retention limit.
@@ -771,18 +813,9 @@ impl Transport for NatsTransport {
         if envelope.channel.as_str().starts_with("_INBOX.") {
             return self.reply_core(envelope).await;
         }
-        let (subject, headers, window) = self.prepare_publish(&envelope).await?;
+        let prepared = self.prepare_publish(&envelope).await?;
         let channel = envelope.channel;
-        let ack = self
-            .store(
-                subject,
-                headers,
-                envelope.payload,
-                envelope.header.id,
-                &channel,
-                window,
-            )
-            .await?;
+        let ack = self.store(prepared, envelope.header.id, &channel).await?;
         Ok(PublishReceipt {
             id: envelope.header.id,
             groups: self.count_groups(&channel),
@@ -799,19 +832,17 @@ impl Transport for NatsTransport {
             let sent = async {
                 self.check_open()?;
                 self.inner.limits.check(&envelope, Utc::now())?;
-                let (subject, headers, window) = self.prepare_publish(&envelope).await?;
+                let prepared = self.prepare_publish(&envelope).await?;
                 let future = self
                     .inner
                     .js
-                    .publish_with_headers(
-                        subject.clone(),
-                        headers.clone(),
-                        envelope.payload.clone(),
+                    .send_publish(
+                        prepared.subject.clone(),
+                        publication(prepared.headers.clone(), prepared.payload.clone()),
                     )
                     .await
                     .map_err(|e| publish_error(&envelope.channel, e))?;
-                let resend = (subject, headers, envelope.payload, window);
-                Ok((envelope.header.id, envelope.channel, future, resend))
+                Ok((envelope.header.id, envelope.channel, future, prepared))
             }
             .await;
             pending.push(sent);
@@ -820,14 +851,11 @@ impl Transport for NatsTransport {
         for sent in pending {
             receipts.push(match sent {
                 Err(e) => Err(e),
-                Ok((id, channel, future, (subject, headers, payload, window))) => {
+                Ok((id, channel, future, prepared)) => {
                     let stored = match future.await {
-                        Ok(ack) => match self.outside_window(&ack, window).await {
+                        Ok(ack) => match self.outside_window(&ack, prepared.window).await {
                             // A duplicate only in the stream's longer window: store it.
-                            Ok(true) => {
-                                self.store(subject, headers, payload, id, &channel, window)
-                                    .await
-                            }
+                            Ok(true) => self.store(prepared, id, &channel).await,
                             Ok(false) => Ok(ack),
                             Err(e) => Err(e),
                         },
@@ -860,7 +888,7 @@ impl Transport for NatsTransport {
     ) -> Result<()> {
         self.check_open()?;
         self.ensure_stream_window(config.dedup_window).await?;
-        self.inner.configs.lock().push((pattern, config));
+        self.inner.configure(pattern, config);
         Ok(())
     }
 
@@ -1093,7 +1121,7 @@ impl Transport for NatsTransport {
         // every request, no SUB/UNSUB per request); it is only known once sent, so the
         // responder takes `reply_to` from the NATS message's reply subject.
         envelope.header.reply_to = None;
-        let frame = wire::encode_core(&envelope);
+        let frame = wire::encode_frame(&envelope);
         let subject = wire::request_subject(&self.inner.options.prefix, channel.as_str());
         let request = async_nats::Request::new()
             .payload(frame)
@@ -1152,7 +1180,7 @@ impl Transport for NatsTransport {
                     e,
                 )
             })?;
-        let frame = wire::encode_core(&envelope);
+        let frame = wire::encode_frame(&envelope);
         let subject = wire::request_subject(&self.inner.options.prefix, channel.as_str());
         self.inner
             .client
@@ -1201,6 +1229,30 @@ fn not_found_letter(id: MessageId) -> Error {
         ErrorKind::NotFound,
         format!("no dead letter with id {id}; list them with `agentbus dlq list`"),
     )
+}
+
+/// A publish ready to send: what [`NatsTransport::prepare_publish`] makes of an
+/// envelope.
+struct Prepared {
+    subject: String,
+    /// `Nats-Msg-Id` when the channel dedups; `None` sends a message without headers.
+    headers: Option<async_nats::HeaderMap>,
+    /// The frame: the agentbus header line, then the envelope's payload.
+    payload: bytes::Bytes,
+    /// The channel's dedup window (zero: no dedup).
+    window: Duration,
+}
+
+/// A JetStream publish of `payload` with `headers`, if any.
+fn publication(
+    headers: Option<async_nats::HeaderMap>,
+    payload: bytes::Bytes,
+) -> jetstream::context::Publish {
+    let publish = jetstream::context::Publish::build().payload(payload);
+    match headers {
+        Some(headers) => publish.headers(headers),
+        None => publish,
+    }
 }
 
 fn publish_error(channel: &ChannelName, e: impl std::fmt::Display) -> Error {

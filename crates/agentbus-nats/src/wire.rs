@@ -1,13 +1,16 @@
 //! How an envelope travels in a NATS message, and how names map to subjects.
 //!
 //! A message on the stream has the subject `<prefix>.<lane>.<channel>` (lane = the
-//! priority digit, 4 = critical … 1 = low), the envelope's header in the NATS header
-//! `Agentbus` (a compact text form, below), the id in `Nats-Msg-Id` (JetStream's dedup
-//! key), and the payload as the NATS payload, untouched. A core request or reply
-//! (never stored) carries the same header text as the first line of its payload
-//! instead, the "core frame" (see [`encode_core`]).
+//! priority digit, 4 = critical … 1 = low) and, as its payload, the "frame": the
+//! envelope's header in a compact text form (below), a line feed, then the envelope's
+//! payload (see [`encode_frame`]). Its only NATS header is the id as `Nats-Msg-Id`
+//! (JetStream's dedup key), on channels that dedup. Core requests and replies (never
+//! stored) carry the same frame. The header is not a NATS header because async-nats
+//! builds a hash map for every message that has headers: on the consume path that was
+//! about 4,900 instructions per message, the largest cost agentbus added over raw
+//! async-nats (docs/NATS.md "The frame").
 //!
-//! # The `Agentbus` header (version 1)
+//! # The header (version 1)
 //!
 //! `1;id=<uuid>;ts=<secs>.<nanos>;kind=<kind>;p=<1-4>[;<key>=<value>]…`: a version
 //! token, then `key=value` fields separated by `;`. It replaced a JSON header
@@ -26,13 +29,14 @@
 //!   `h.<name>=<value>` per free header.
 //! - In names and values, `%`, `;`, `=`, space, control characters and every
 //!   non-ASCII byte are percent-encoded (`%3B`), so a value can hold any text and the
-//!   NATS header stays plain ASCII on one line (async-nats trims a value's outer
-//!   whitespace; an encoded space survives that).
+//!   header stays plain ASCII on one line: the frame's first line feed ends it.
 //! - A decoder ignores keys it does not know (a later minor addition is dropped, not
 //!   fatal); anything whose meaning would change for an old reader gets a new version
 //!   token, which old readers refuse with a `Schema` error.
 //!
-//! Messages written before this form (a JSON `Agentbus-Header`) are still read.
+//! Messages written before the frame are still read: those whose header is the NATS
+//! header `Agentbus` (this same text) or, older still, the JSON `Agentbus-Header`;
+//! their payload is the NATS payload, untouched.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -45,8 +49,8 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
-/// The NATS header that carries the agentbus header (compact form, see the module
-/// documentation).
+/// The NATS header that carried the agentbus header (compact form, see the module
+/// documentation) before the frame; still read.
 pub(crate) const HEADER: &str = "Agentbus";
 
 /// [`HEADER`] as a header name made once: a `&str` key is copied into a new name on
@@ -105,33 +109,37 @@ pub(crate) fn channel_of(prefix: &str, subject: &str) -> Option<String> {
     channel_str(prefix, subject).map(str::to_string)
 }
 
-/// NATS headers for `envelope`; with `dedup`, the id as JetStream's dedup key
-/// `Nats-Msg-Id` (left out for a channel whose dedup window is zero).
-pub(crate) fn encode(envelope: &Envelope, dedup: bool) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    if dedup {
+/// A message as it is stored: the frame (see [`encode_frame`]) as the payload and,
+/// with `dedup`, the id as JetStream's dedup key `Nats-Msg-Id`, the only NATS header
+/// (none for a channel whose dedup window is zero: a message without headers is the
+/// cheapest NATS message to send and to read).
+pub(crate) fn encode(envelope: &Envelope, dedup: bool) -> (Option<HeaderMap>, Bytes) {
+    let headers = dedup.then(|| {
+        let mut headers = HeaderMap::new();
         let mut id = uuid::Uuid::encode_buffer();
         let id = envelope.header.id.0.hyphenated().encode_lower(&mut id);
         headers.insert(NATS_MESSAGE_ID, &*id);
-    }
-    headers.insert(HEADER_NAME, encode_header(&envelope.header));
-    headers
+        headers
+    });
+    (headers, encode_frame(envelope))
 }
 
-/// The compact text form of `header` (see the module documentation).
+/// The compact text form of `header` (see the module documentation), as a string of
+/// its own: what messages written before the frame carried as the `Agentbus` NATS
+/// header (the tests write such messages).
+#[cfg(test)]
 pub(crate) fn encode_header(header: &Header) -> String {
     let mut out = String::with_capacity(192);
     push_header(&mut out, header);
     out
 }
 
-/// A core request or reply as one NATS payload, the "core frame": the compact
-/// header, a line feed, then the envelope's payload. Core messages never reach the
-/// stream, so NATS-native readers of stored messages are not affected; what it saves
-/// is async-nats's header handling, about 7,000 instructions per message (building
-/// a `HeaderMap`, writing it, and parsing it on the other side; callgrind), twice per
-/// round trip.
-pub(crate) fn encode_core(envelope: &Envelope) -> Bytes {
+/// An envelope as one NATS payload, the "frame": the compact header, a line feed,
+/// then the envelope's payload. Stored messages, core requests and replies all use
+/// it; it saves async-nats's header handling (building a `HeaderMap`, writing it,
+/// and parsing it on the other side: about 7,000 instructions per message sent and
+/// received, callgrind).
+pub(crate) fn encode_frame(envelope: &Envelope) -> Bytes {
     let mut out = String::with_capacity(193 + envelope.payload.len());
     push_header(&mut out, &envelope.header);
     // The header is printable ASCII (control characters are percent-encoded), so the
@@ -457,13 +465,15 @@ fn header_of(headers: Option<&HeaderMap>, place: impl Fn() -> String) -> Result<
     )))
 }
 
-/// The envelope carried by a stored message. `last` is the channel of the previous
-/// message decoded by this caller: a consumer reads one channel again and again, so
-/// a name equal to it is not validated and allocated again.
+/// The envelope carried by a stored message: from its frame, or from the `Agentbus`
+/// NATS header of a message written before the frame. `last` is the channel of the
+/// previous message decoded by this caller: a consumer reads one channel again and
+/// again, so a name equal to it is not validated and allocated again.
 ///
 /// # Errors
-/// [`ErrorKind::Schema`] when the message was not written by agentbus (no or a bad
-/// `Agentbus` header) or its subject is outside the layout, naming the subject.
+/// [`ErrorKind::Schema`] when the message was not written by agentbus (no frame and
+/// no `Agentbus` header, or a bad one) or its subject is outside the layout, naming
+/// the subject.
 pub(crate) fn decode(
     prefix: &str,
     subject: &str,
@@ -478,7 +488,24 @@ pub(crate) fn decode(
         )
     })?;
     let channel = known_channel(name, last)?;
-    let header = header_of(headers, || format!("on '{subject}'"))?;
+    // Written before the frame: the header travels as a NATS header.
+    if headers.is_some_and(|h| h.get(HEADER_NAME).is_some() || h.get(LEGACY_HEADER).is_some()) {
+        let header = header_of(headers, || format!("on '{subject}'"))?;
+        return Ok(Envelope {
+            channel,
+            header,
+            payload,
+        });
+    }
+    let (header, payload) = split_frame(payload).map_err(|why| {
+        Error::new(
+            ErrorKind::Schema,
+            format!(
+                "a message on '{subject}' was not published by agentbus: {why}; publish \
+                 through agentbus or to another subject"
+            ),
+        )
+    })?;
     Ok(Envelope {
         channel,
         header,
@@ -503,7 +530,7 @@ fn known_channel(name: &str, last: &mut Option<ChannelName>) -> Result<ChannelNa
 /// `<prefix>_rq.<channel>`, or a reply on an inbox subject): `channel` is the
 /// agentbus channel it belongs to; `last`, as for [`decode`], the channel of the
 /// previous message of this caller. The envelope comes from the core frame (see
-/// [`encode_core`]), or from the `Agentbus` NATS header of a message written before
+/// [`encode_frame`]), or from the `Agentbus` NATS header of a message written before
 /// it (which has headers; a frame never has).
 ///
 /// # Errors
@@ -525,7 +552,7 @@ pub(crate) fn decode_core(
             payload,
         });
     }
-    let (header, payload) = split_core(payload).map_err(|why| {
+    let (header, payload) = split_frame(payload).map_err(|why| {
         Error::new(
             ErrorKind::Schema,
             format!(
@@ -542,8 +569,8 @@ pub(crate) fn decode_core(
     })
 }
 
-/// The header and payload of a core frame (see [`encode_core`]).
-fn split_core(frame: Bytes) -> std::result::Result<(Header, Bytes), String> {
+/// The header and payload of a core frame (see [`encode_frame`]).
+fn split_frame(frame: Bytes) -> std::result::Result<(Header, Bytes), String> {
     let end = frame
         .iter()
         .position(|&b| b == b'\n')
@@ -613,7 +640,7 @@ mod tests {
             .header
             .headers
             .insert("n\nm".into(), "v\r\n".into());
-        let frame = encode_core(&envelope);
+        let frame = encode_frame(&envelope);
         let line = frame.split(|&b| b == b'\n').next().unwrap();
         assert_eq!(line, encode_header(&envelope.header).as_bytes());
         let back = decode_core("a.b", &mut None, None, frame.clone()).unwrap();
@@ -625,7 +652,7 @@ mod tests {
         let back = decode_core(
             "a.b",
             &mut None,
-            Some(&encode(&envelope, false)),
+            Some(&header_map(&envelope.header)),
             envelope.payload.clone(),
         )
         .unwrap();
@@ -648,32 +675,62 @@ mod tests {
         let channel = ChannelName::new("a.b").unwrap();
         let envelope =
             Envelope::new(channel, "k", b"{\"n\":1}".to_vec()).with_priority(Priority::Low);
-        let headers = encode(&envelope, true);
+        let (headers, frame) = encode(&envelope, true);
+        let headers = headers.expect("dedup sends Nats-Msg-Id");
         assert_eq!(
             headers.get(NATS_MESSAGE_ID).map(|v| v.as_str().to_string()),
             Some(envelope.header.id.to_string())
         );
+        // The dedup key is the only NATS header; without dedup there is none.
+        assert!(headers.get(HEADER_NAME).is_none());
+        assert!(encode(&envelope, false).0.is_none());
         let subject = subject("p", envelope.header.priority, envelope.channel.as_str());
         let mut last = None;
+        let back = decode("p", &subject, &mut last, Some(&headers), frame.clone()).unwrap();
+        assert_eq!(back, envelope);
+        assert_eq!(last.as_ref(), Some(&envelope.channel));
+        assert_eq!(
+            decode("p", &subject, &mut last, None, frame.clone()).unwrap(),
+            envelope
+        );
+        // The remembered channel is reused only for the same name.
+        let other = self::subject("p", Priority::Low, "a.c");
+        let back = decode("p", &other, &mut last, None, frame.clone()).unwrap();
+        assert_eq!(back.channel.as_str(), "a.c");
+        // Not written by agentbus: neither a frame nor an `Agentbus` header.
+        for (headers, payload) in [
+            (None, Bytes::new()),
+            (Some(&headers), Bytes::from_static(b"{\"n\":1}")),
+        ] {
+            let e = decode("p", &subject, &mut last, headers, payload).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Schema);
+            assert!(
+                e.message().contains("not published by agentbus"),
+                "{}",
+                e.message()
+            );
+        }
+        let e = decode("p", "q.2.a.b", &mut last, None, frame).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Schema);
+        // Written before the frame: the `Agentbus` NATS header, the payload untouched.
+        let old = header_map(&envelope.header);
         let back = decode(
             "p",
             &subject,
             &mut last,
-            Some(&headers),
+            Some(&old),
             envelope.payload.clone(),
         )
         .unwrap();
         assert_eq!(back, envelope);
-        assert_eq!(last.as_ref(), Some(&envelope.channel));
-        // The remembered channel is reused only for the same name.
-        let other = self::subject("p", Priority::Low, "a.c");
-        let back = decode("p", &other, &mut last, Some(&headers), Bytes::new()).unwrap();
-        assert_eq!(back.channel.as_str(), "a.c");
-        let e = decode("p", &subject, &mut last, None, Bytes::new()).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Schema);
-        let e = decode("p", "q.2.a.b", &mut last, Some(&headers), Bytes::new()).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Schema);
-        assert!(encode(&envelope, false).get(NATS_MESSAGE_ID).is_none());
+    }
+
+    /// The NATS headers of a message written before the frame: the compact header as
+    /// the `Agentbus` NATS header.
+    fn header_map(header: &Header) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_NAME, encode_header(header));
+        headers
     }
 
     #[test]
@@ -807,9 +864,19 @@ mod tests {
                 header,
                 payload: Bytes::from_static(b"x"),
             };
-            let headers = encode(&envelope, true);
-            let back = decode_core("a.b", &mut None, Some(&headers), envelope.payload.clone()).unwrap();
+            let back = decode_core(
+                "a.b", &mut None, Some(&header_map(&envelope.header)), envelope.payload.clone()
+            ).unwrap();
+            prop_assert_eq!(&back, &envelope);
+            // And as stored now: the frame, with the dedup key as the only header.
+            let (headers, frame) = encode(&envelope, true);
+            let back = decode("p", "p.2.a.b", &mut None, headers.as_ref(), frame).unwrap();
             prop_assert_eq!(back, envelope);
+        }
+
+        #[test]
+        fn stored_garbage_never_panics(raw in any::<Vec<u8>>()) {
+            let _ = decode("p", "p.2.a.b", &mut None, None, Bytes::from(raw));
         }
 
         #[test]
