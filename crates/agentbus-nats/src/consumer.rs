@@ -913,11 +913,21 @@ async fn pump(
                         break 'lanes;
                     }
                 };
+                // Each wait for the next message may last FETCH_TIMEOUT. One timer for
+                // the whole fetch, moved on only when it fires early: a timeout around
+                // each wait registered a timer per message, about 500 instructions.
+                let mut last_seen = Instant::now();
+                let silence = tokio::time::sleep(FETCH_TIMEOUT);
+                tokio::pin!(silence);
                 loop {
-                    let message = match tokio::time::timeout(FETCH_TIMEOUT, batch.next()).await {
-                        Ok(Some(m)) => m,
-                        Ok(None) => break,
-                        Err(_) => {
+                    let next = tokio::select! {
+                        biased;
+                        next = batch.next() => next,
+                        () = &mut silence => {
+                            if last_seen.elapsed() < FETCH_TIMEOUT {
+                                silence.as_mut().reset((last_seen + FETCH_TIMEOUT).into());
+                                continue;
+                            }
                             tracing::debug!(
                                 group = &*shared.group,
                                 "a fetch got no answer in time"
@@ -925,6 +935,10 @@ async fn pump(
                             break;
                         }
                     };
+                    let Some(message) = next else {
+                        break;
+                    };
+                    last_seen = Instant::now();
                     let message = match message {
                         Ok(m) => m,
                         Err(e) => {

@@ -393,21 +393,20 @@ impl NatsTransport {
         // `max_bytes` as a message count at this channel's mean message size.
         let by_bytes = config.max_bytes.map(|max_bytes| {
             let mut sizes = self.inner.sizes.lock();
-            let mean = sizes.entry(channel.as_str().to_string()).or_insert(size);
-            *mean = (*mean * 7 + size) / 8;
-            (max_bytes, (max_bytes / (*mean).max(1)).max(1), *mean)
+            let mean = match sizes.get_mut(channel.as_str()) {
+                Some(mean) => {
+                    *mean = (*mean * 7 + size) / 8;
+                    *mean
+                }
+                None => *sizes.entry(channel.as_str().to_string()).or_insert(size),
+            };
+            (max_bytes, (max_bytes / mean.max(1)).max(1), mean)
         });
         let (max, limit) = match (config.max_messages, by_bytes) {
             (None, None) => return Ok(()),
-            (Some(m), Some((b, n, mean))) if n < m => (
-                n,
-                format!("max_bytes = {b} (about {n} messages of ~{mean} bytes)"),
-            ),
-            (Some(m), _) => (m, format!("max_messages = {m}")),
-            (None, Some((b, n, mean))) => (
-                n,
-                format!("max_bytes = {b} (about {n} messages of ~{mean} bytes)"),
-            ),
+            (Some(m), Some((b, n, mean))) if n < m => (n, Limit::Bytes(b, n, mean)),
+            (Some(m), _) => (m, Limit::Messages(m)),
+            (None, Some((b, n, mean))) => (n, Limit::Bytes(b, n, mean)),
         };
         // Ask the server only when this process's estimate nears the limit, or after a
         // tenth of the limit in own publishes (others' publishes are seen then).
@@ -1229,6 +1228,25 @@ fn not_found_letter(id: MessageId) -> Error {
         ErrorKind::NotFound,
         format!("no dead letter with id {id}; list them with `agentbus dlq list`"),
     )
+}
+
+/// The limit a publish is checked against, put in words only for an error (formatting
+/// it on every publish was a measurable share of the publish path).
+enum Limit {
+    Messages(u64),
+    /// `max_bytes`, about how many messages that is, at about which mean size.
+    Bytes(u64, u64, u64),
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limit::Messages(m) => write!(f, "max_messages = {m}"),
+            Limit::Bytes(b, n, mean) => {
+                write!(f, "max_bytes = {b} (about {n} messages of ~{mean} bytes)")
+            }
+        }
+    }
 }
 
 /// A publish ready to send: what [`NatsTransport::prepare_publish`] makes of an
