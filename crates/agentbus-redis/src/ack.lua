@@ -22,21 +22,19 @@ local acked = 0
 local i = 5
 for _ = 1, tonumber(ARGV[4]) do
   local sk, n = ARGV[i], tonumber(ARGV[i + 1])
-  -- unpack has a stack limit: ack at most 1000 ids per command.
+  -- unpack has a stack limit: ack at most 1000 ids per command. The ids go straight
+  -- from ARGV (a table of them first cost about 700 server instructions per id).
   for from = i + 2, i + 1 + n, 1000 do
-    local ids = {}
-    for j = from, math.min(from + 999, i + 1 + n) do ids[#ids + 1] = ARGV[j] end
-    local ok, r = pcall(redis.call, 'XACK', sk, g, unpack(ids))
+    local ok, r = pcall(redis.call, 'XACK', sk, g, unpack(ARGV, from, math.min(from + 999, i + 1 + n)))
     if ok then acked = acked + r end
   end
   i = i + 2 + n
 end
 if i <= #ARGV then
   for from = i, #ARGV, 1000 do
-    local members = {}
-    for j = from, math.min(from + 999, #ARGV) do members[#members + 1] = ARGV[j] end
-    redis.call('ZREM', sched, unpack(members))
-    redis.call('HDEL', ek, unpack(members))
+    local to = math.min(from + 999, #ARGV)
+    redis.call('ZREM', sched, unpack(ARGV, from, to))
+    redis.call('HDEL', ek, unpack(ARGV, from, to))
   end
 end
 if acked > 0 then redis.call('HINCRBY', gk, 'acked', acked) end

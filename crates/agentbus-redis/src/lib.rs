@@ -45,8 +45,10 @@ use agentbus::{
 };
 use async_trait::async_trait;
 use chrono::Utc;
+use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
+use rustc_hash::FxHashSet;
 use tokio::sync::Notify;
 
 use crate::consumer::RedisConsumer;
@@ -146,6 +148,47 @@ pub(crate) struct Shared {
     pub(crate) closed: AtomicBool,
     pub(crate) closed_notify: Notify,
     limits: PublishLimits,
+    /// Channels the publish script last said have dedup off: their messages without
+    /// deadline and not-before go without their ids (see `publish.lua`). Only a hint:
+    /// a channel whose dedup was turned on since is caught by the script, which then
+    /// stores nothing and asks for the ids.
+    dedup_off: DedupOff,
+}
+
+/// The channels known to have dedup off, at most [`DedupOff::CAPACITY`] of them.
+#[derive(Default)]
+struct DedupOff(Mutex<FxHashSet<String>>);
+
+impl DedupOff {
+    /// Beyond this many channels the set starts over, so that publishing to ever new
+    /// channels (e.g. reply inboxes) cannot grow it without bound. Forgetting a channel
+    /// only costs its next publish the ids.
+    const CAPACITY: usize = 4096;
+
+    fn contains(&self, channel: &str) -> bool {
+        self.0.lock().contains(channel)
+    }
+
+    /// Records what a publish reply said of `channel`'s dedup window.
+    fn learn(&self, channel: &str, window_ms: i64) {
+        let mut set = self.0.lock();
+        if window_ms != 0 {
+            set.remove(channel);
+        } else if !set.contains(channel) {
+            if set.len() >= Self::CAPACITY {
+                set.clear();
+            }
+            set.insert(channel.to_owned());
+        }
+    }
+
+    fn forget(&self, channel: &str) {
+        self.0.lock().remove(channel);
+    }
+
+    fn clear(&self) {
+        self.0.lock().clear();
+    }
 }
 
 impl Shared {
@@ -331,6 +374,7 @@ impl RedisTransport {
                 url: shown,
                 closed: AtomicBool::new(false),
                 closed_notify: Notify::new(),
+                dedup_off: DedupOff::default(),
             }),
         })
     }
@@ -396,43 +440,35 @@ impl RedisTransport {
             results.push(None);
             accepted.push(envelope);
         }
-        // Runs of messages of one channel and lane, in order (see publish.lua), each
-        // message written straight into the command.
-        let mut cmd = scripts::evalsha(&scripts::PUBLISH, 0);
-        cmd.arg(self.prefix());
-        let lane = |e: &Envelope| e.header.priority.as_u8().saturating_sub(1);
-        let mut start = 0;
-        while let Some(first) = accepted.get(start) {
-            let end = accepted[start..]
-                .iter()
-                .position(|e| e.channel != first.channel || lane(e) != lane(first))
-                .map_or(accepted.len(), |n| start + n);
-            cmd.arg(first.channel.as_str())
-                .arg(lane(first))
-                .arg(end - start);
-            for envelope in &accepted[start..end] {
-                cmd.arg(IdArg(&envelope.header)).arg(wire::Stored {
-                    header: &envelope.header,
-                    payload: &envelope.payload,
-                });
-            }
-            start = end;
-        }
         if !sent.is_empty() {
-            let reply: redis::RedisResult<Value> =
-                scripts::run(&scripts::PUBLISH, &cmd, &mut self.shared.conn()).await;
+            let mut reply = self.publish_call(&accepted, false).await;
+            if let Ok(Some(channel)) = reply.as_ref().map(needs_ids) {
+                // The channel's dedup was turned on since this client learned it was
+                // off: the script stored nothing; the same call again, with every id.
+                self.shared.dedup_off.forget(&channel);
+                reply = self.publish_call(&accepted, true).await;
+            }
             match reply {
                 Ok(reply) => {
                     let replies = arr(&reply);
-                    // The group count of each channel touched: {channel, count, ...}.
-                    let groups = replies.first().map(arr).unwrap_or(&[]);
+                    // Per channel touched: {channel, group count, dedup window ms, ...}.
+                    let channels = replies.first().map(arr).unwrap_or(&[]);
+                    for triple in channels.chunks(3) {
+                        if let [name, _, window] = triple {
+                            if let Some(name) =
+                                bytes(name).and_then(|b| std::str::from_utf8(b).ok())
+                            {
+                                self.shared.dedup_off.learn(name, int(window));
+                            }
+                        }
+                    }
                     let groups_of = |channel: &ChannelName| {
-                        groups
-                            .chunks(2)
-                            .find(|pair| {
-                                pair.first().and_then(bytes) == Some(channel.as_str().as_bytes())
+                        channels
+                            .chunks(3)
+                            .find(|triple| {
+                                triple.first().and_then(bytes) == Some(channel.as_str().as_bytes())
                             })
-                            .and_then(|pair| pair.get(1))
+                            .and_then(|triple| triple.get(1))
                             .map_or(0, int)
                     };
                     for (i, (slot, id, channel)) in sent.into_iter().enumerate() {
@@ -456,6 +492,49 @@ impl RedisTransport {
                 r.unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "a publish got no result")))
             })
             .collect()
+    }
+
+    /// One call of the publish script with `envelopes` (checked, in order): runs of
+    /// messages of one channel and lane, each message written straight into the
+    /// command. A run goes without ids (one argument per message instead of two) when
+    /// its channel is known to have dedup off and none of its messages has a deadline
+    /// or not-before, unless `with_ids`.
+    async fn publish_call(
+        &self,
+        envelopes: &[Envelope],
+        with_ids: bool,
+    ) -> redis::RedisResult<Value> {
+        let mut cmd = scripts::evalsha(&scripts::PUBLISH, 0);
+        cmd.arg(self.prefix());
+        let lane = |e: &Envelope| e.header.priority.as_u8().saturating_sub(1);
+        let mut start = 0;
+        while let Some(first) = envelopes.get(start) {
+            let end = envelopes[start..]
+                .iter()
+                .position(|e| e.channel != first.channel || lane(e) != lane(first))
+                .map_or(envelopes.len(), |n| start + n);
+            let run = &envelopes[start..end];
+            let ids = with_ids
+                || !self.shared.dedup_off.contains(first.channel.as_str())
+                || run
+                    .iter()
+                    .any(|e| e.header.deadline.is_some() || e.header.not_before.is_some());
+            cmd.arg(first.channel.as_str())
+                .arg(lane(first))
+                .arg(run.len())
+                .arg(if ids { "1" } else { "0" });
+            for envelope in run {
+                if ids {
+                    cmd.arg(IdArg(&envelope.header));
+                }
+                cmd.arg(wire::Stored {
+                    header: &envelope.header,
+                    payload: &envelope.payload,
+                });
+            }
+            start = end;
+        }
+        scripts::run(&scripts::PUBLISH, &cmd, &mut self.shared.conn()).await
     }
 
     async fn admin(&self, op: &str, args: &[&str]) -> agentbus::Result<Value> {
@@ -722,6 +801,17 @@ fn receipt(
     }
 }
 
+/// The channel named by a publish reply `{'ids', channel}`: a run without ids met a
+/// channel whose dedup is on, and nothing of the call was stored.
+fn needs_ids(reply: &Value) -> Option<String> {
+    match arr(reply) {
+        [tag, channel] if bytes(tag) == Some(b"ids") => {
+            Some(String::from_utf8_lossy(bytes(channel)?).into_owned())
+        }
+        _ => None,
+    }
+}
+
 /// The creation time (ms since the epoch) in the first 48 bits of a UUIDv7 written
 /// as text; `None` for anything else.
 fn uuid_v7_millis(id: &str) -> Option<u64> {
@@ -814,6 +904,9 @@ impl Transport for RedisTransport {
         })
         .to_string();
         self.admin("configure", &[pattern.as_str(), &json]).await?;
+        // Channels of this pattern may have another dedup window now; the next publish
+        // of each learns it again.
+        self.shared.dedup_off.clear();
         Ok(())
     }
 
@@ -1107,6 +1200,154 @@ pub(crate) fn start_args(start: StartPosition) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn pair_of_transports() -> (RedisTransport, RedisTransport) {
+        let url =
+            std::env::var("AGENTBUS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let prefix = format!("abunit-{:012x}", fastrand::u64(..1 << 48));
+        let connect = || RedisTransport::connect(&url, RedisOptions::default().prefix(&prefix));
+        (connect().await.unwrap(), connect().await.unwrap())
+    }
+
+    fn dedup(window: Duration) -> ChannelConfig {
+        ChannelConfig {
+            dedup_window: window,
+            ..ChannelConfig::default()
+        }
+    }
+
+    /// Another process turns dedup on for a channel after this client learned it was
+    /// off: the next publish, sent without ids, is refused by the script as a whole
+    /// (nothing of the call is stored, also not of the other channel in it) and sent
+    /// again with ids, so dedup holds from then on and no sequence is skipped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dedup_turned_on_elsewhere_after_this_client_learned_it_was_off_still_dedups() {
+        let (ours, theirs) = pair_of_transports().await;
+        let flip = ChannelName::new("unit.dedup.flip").unwrap();
+        let steady = ChannelName::new("unit.dedup.steady").unwrap();
+        theirs
+            .configure_channels(
+                ChannelPattern::new("unit.dedup.*").unwrap(),
+                dedup(Duration::ZERO),
+            )
+            .await
+            .unwrap();
+        let known = |t: &RedisTransport, c: &ChannelName| t.shared.dedup_off.contains(c.as_str());
+        assert!(
+            !known(&ours, &flip),
+            "nothing learned before the first publish"
+        );
+        let first = ours
+            .publish_batch(vec![
+                Envelope::new(flip.clone(), "n", &b"1"[..]),
+                Envelope::new(steady.clone(), "n", &b"1"[..]),
+            ])
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>();
+        let (flip_first, steady_first) = (first[0].clone(), first[1].clone());
+        assert!(
+            known(&ours, &flip) && known(&ours, &steady),
+            "learned from the reply"
+        );
+
+        // Dedup off, sent without ids: the same message twice is stored twice.
+        let twice = Envelope::new(flip.clone(), "n", &b"2"[..]);
+        let a = ours.publish(twice.clone()).await.unwrap();
+        let b = ours.publish(twice).await.unwrap();
+        assert!(!a.duplicate && !b.duplicate, "{a:?} {b:?}");
+        assert_eq!(
+            (a.sequence, b.sequence),
+            (flip_first.sequence + 1, flip_first.sequence + 2)
+        );
+
+        theirs
+            .configure_channels(
+                ChannelPattern::from(flip.clone()),
+                dedup(Duration::from_secs(60)),
+            )
+            .await
+            .unwrap();
+        assert!(known(&ours, &flip), "ours has not heard of it yet");
+        let once = Envelope::new(flip.clone(), "n", &b"3"[..]);
+        let results = ours
+            .publish_batch(vec![
+                Envelope::new(steady.clone(), "n", &b"2"[..]),
+                once.clone(),
+            ])
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>();
+        let (steady_next, stored) = (results[0].clone(), results[1].clone());
+        assert_eq!(
+            steady_next.sequence,
+            steady_first.sequence + 1,
+            "the refused call stored nothing, the call sent again stored it once"
+        );
+        assert!(!stored.duplicate, "{stored:?}");
+        assert_eq!(stored.sequence, b.sequence + 1);
+        assert!(!known(&ours, &flip), "learned that dedup is on");
+        assert!(known(&ours, &steady), "the other channel still has it off");
+
+        let again = ours.publish(once).await.unwrap();
+        assert!(again.duplicate, "{again:?}");
+        assert_eq!(again.sequence, stored.sequence);
+        let stats = ours.stats().await.unwrap();
+        let of = |c: &ChannelName| {
+            stats
+                .channels
+                .iter()
+                .find(|s| &s.channel == c)
+                .map(|s| (s.messages, s.last_sequence))
+        };
+        assert_eq!(of(&flip), Some((4, stored.sequence)), "{stats:?}");
+        assert_eq!(of(&steady), Some((2, steady_next.sequence)), "{stats:?}");
+        ours.delete_everything().await.unwrap();
+    }
+
+    /// A message with a deadline or a not-before goes with its id argument (which
+    /// carries them) also on a channel known to have dedup off, and keeps them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deadline_goes_with_the_id_on_a_channel_without_dedup() {
+        let (ours, _) = pair_of_transports().await;
+        let channel = ChannelName::new("unit.dedup.deadline").unwrap();
+        ours.configure_channels(ChannelPattern::from(channel.clone()), dedup(Duration::ZERO))
+            .await
+            .unwrap();
+        ours.publish(Envelope::new(channel.clone(), "n", &b"1"[..]))
+            .await
+            .unwrap();
+        assert!(ours.shared.dedup_off.contains(channel.as_str()));
+        let deadline = Utc::now() + chrono::Duration::minutes(5);
+        let mut timed = Envelope::new(channel.clone(), "n", &b"2"[..]);
+        timed.header.deadline = Some(deadline);
+        let receipt = ours.publish(timed).await.unwrap();
+        let stream = format!("{}:s:{channel}:1", ours.prefix());
+        let last: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(&stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut ours.shared.conn())
+            .await
+            .unwrap();
+        let entry = last.ids.first().expect("the entry");
+        assert!(
+            entry.id.ends_with(&format!("-{}", receipt.sequence)),
+            "{} {receipt:?}",
+            entry.id
+        );
+        assert_eq!(
+            entry.get::<i64>("d"),
+            Some(millis(deadline)),
+            "{:?}",
+            entry.map
+        );
+        ours.delete_everything().await.unwrap();
+    }
 
     #[test]
     fn urls_hide_passwords() {

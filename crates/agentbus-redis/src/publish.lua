@@ -1,12 +1,18 @@
 -- publish: ARGV = prefix, then runs of messages of one channel and lane: channel, lane,
---          k, then k pairs (id, message), where `message` is the binary header +
---          payload of wire.rs and `id` the message id, followed by
---          `|<deadline_ms>|<not_before_ms>` (either may be empty) when either is set.
---          Two arguments per message: each argument becomes a Lua string, and fewer
---          of them measurably cut the server's time per message.
--- Reply: {groups, r1, r2, ...}: `groups` is a flat {channel, group count, ...} of the
--- channels touched; ri is the sequence (a number) of a stored message, {1, seq, groups}
--- for a duplicate, {-1, messages, bytes, max_messages, max_bytes} for a full channel.
+--          k, ids, then the k messages. With ids = '1' each message is two arguments:
+--          its id, followed by `|<deadline_ms>|<not_before_ms>` (either may be empty)
+--          when either is set, and the message (the binary header + payload of
+--          wire.rs). With ids = '0' each is one argument, the message: the client sends
+--          that only for a channel it was told has dedup off, and only for messages
+--          without deadline and not-before — every script argument is a Lua string the
+--          server must make, and the id is needed for nothing else.
+-- Reply: {channels, r1, r2, ...}: `channels` is a flat {channel, group count, dedup
+-- window ms, ...} of the channels touched (the client learns from it which channels
+-- need no ids); ri is the sequence (a number) of a stored message, {1, seq, groups} for
+-- a duplicate, {-1, messages, bytes, max_messages, max_bytes} for a full channel.
+-- {'ids', channel} when a run without ids is for a channel whose dedup is on (the
+-- client's knowledge is stale): then nothing of the call is stored, and the client
+-- sends the call again with ids.
 -- An error reply when an XADD failed (the counters are still written back first).
 -- Each entry gets the explicit stream id `<ms>-<seq>`: `seq` is the channel sequence and
 -- `ms` never goes back within the channel (the server's TIME, or the channel's last `ms`
@@ -165,7 +171,10 @@ end
 
 -- The common case (no duplicate, room left) costs one XADD per message (with dedup, one
 -- HMGET per bucket and run and one HSET per bucket and call besides): everything else is
--- computed once per channel per call.
+-- computed once per channel per call. Functions used per message are locals (a global
+-- lookup and a field lookup less per use).
+local format, call = string.format, redis.call
+
 local function xadd(sk, eid, msg, dl, nb)
   if dl == '' and nb == '' then
     redis.call('XADD', sk, eid, 'm', msg)
@@ -197,7 +206,7 @@ local function dedup_buckets(w)
   local n = math.floor(now_ms() / w)
   local base = P .. ':dd:' .. num(w) .. ':'
   dd = {cur = base .. num(n), prev = base .. num(n - 1), expire = (n + 2) * w,
-    stamp = ':' .. num(now_ms()), this_call = {}, pending = {}}
+    stamp = ':' .. num(now_ms()), this_call = {}, pending = {}, npending = 0}
   dd.prev_live = redis.call('EXISTS', dd.prev) == 1
   buckets[w] = dd
   return dd
@@ -228,6 +237,39 @@ local function lookup_run(dd, i, k)
   return seen
 end
 
+-- The first message a call stores in a channel fixes the `ms` of its ids.
+local function start_ms(st)
+  st.ms = math.max(now_ms(), st.lastms)
+  st.lastms = st.ms
+  -- The format of this call's ids, `<ms>-%d`: one new Lua string per id.
+  st.idf = num(st.ms) .. '-%d'
+end
+
+-- Stores one message: limits, sequence, XADD. Returns its sequence, or nil and the
+-- reply of a refused publish.
+local function store(st, ch, sk, msg, dl, nb)
+  local size = #msg
+  if (st.max_msgs ~= nil and st.count + 1 > st.max_msgs) or
+      (st.max_bytes ~= nil and st.bytes + size > st.max_bytes) then
+    local refused = make_room(st, ch, size)
+    if refused then return nil, refused end
+  end
+  -- `published` is `seq`: duplicates and refused publishes take no sequence.
+  local seq = st.seq + 1
+  st.seq = seq
+  st.count = st.count + 1
+  st.bytes = st.bytes + size
+  if st.ms == nil then start_ms(st) end
+  storing_st, storing_size = st, size
+  if dl == '' and nb == '' then
+    call('XADD', sk, format(st.idf, seq), 'm', msg)
+  else
+    xadd(sk, format(st.idf, seq), msg, dl, nb)
+  end
+  storing_st = nil
+  return seq
+end
+
 local function publish_one(st, ch, sk, id, msg, seen)
   local dl, nb = '', ''
   if #id ~= 36 then
@@ -237,7 +279,6 @@ local function publish_one(st, ch, sk, id, msg, seen)
     dl, nb = string.sub(id, a + 1, b - 1), string.sub(id, b + 1)
     id = string.sub(id, 1, a - 1)
   end
-  local size = #msg
   local dd
   if st.dedup_on then
     dd = buckets[st.dedup]
@@ -248,55 +289,114 @@ local function publish_one(st, ch, sk, id, msg, seen)
       if receipt then return receipt end
     end
   end
-  if (st.max_msgs ~= nil and st.count + 1 > st.max_msgs) or
-      (st.max_bytes ~= nil and st.bytes + size > st.max_bytes) then
-    local refused = make_room(st, ch, size)
-    if refused then return refused end
-  end
-
-  -- `published` is `seq`: duplicates and refused publishes take no sequence.
-  local seq = st.seq + 1
-  st.seq = seq
-  st.count = st.count + 1
-  st.bytes = st.bytes + size
-  if st.ms == nil then
-    st.ms = math.max(now_ms(), st.lastms)
-    st.lastms = st.ms
-    st.idp = num(st.ms) .. '-'
-  end
-  storing_st, storing_size = st, size
-  if dl == '' and nb == '' then
-    redis.call('XADD', sk, st.idp .. num(seq), 'm', msg)
-  else
-    xadd(sk, st.idp .. num(seq), msg, dl, nb)
-  end
-  storing_st = nil
+  local seq, refused = store(st, ch, sk, msg, dl, nb)
+  if refused then return refused end
   if dd then
-    local v = num(seq) .. ':' .. st.ngroups .. dd.stamp
+    -- `seq:groups:ms`, one new string (the format is made once per channel and call).
+    local vf = st.vf
+    if vf == nil then
+      vf = '%d:' .. num(st.ngroups) .. dd.stamp
+      st.vf = vf
+    end
+    local v = format(vf, seq)
     dd.this_call[id] = v
-    dd.pending[#dd.pending + 1] = id
-    dd.pending[#dd.pending + 1] = v
+    local n = dd.npending
+    dd.pending[n + 1] = id
+    dd.pending[n + 2] = v
+    dd.npending = n + 2
   end
   return seq
 end
 
 local replies = {{}}
 local nreplies = 1
+
+-- A run of messages without ids under way in `store_fitting`: its channel, its first
+-- argument and the reply count before it. Its counters live in locals until the run
+-- ends, so a failed XADD recomputes them from the replies written so far.
+local plain_st, plain_first, plain_base = nil, nil, nil
+
+-- Stores the messages ARGV[first..last] of a run without ids (dedup off, no deadline or
+-- not-before) while they fit the channel's limits: the common case, with the counters
+-- in locals. Returns the index of the first message it did not store (last + 1 when
+-- it stored them all).
+local function store_fitting(st, sk, first, last)
+  if st.ms == nil then start_ms(st) end
+  local argv, idf = ARGV, st.idf
+  local seq, count, bytes = st.seq, st.count, st.bytes
+  local max_msgs, max_bytes = st.max_msgs or math.huge, st.max_bytes or math.huge
+  local n = nreplies
+  local stop = last + 1
+  plain_st, plain_first, plain_base = st, first, n
+  for j = first, last do
+    local msg = argv[j]
+    local size = #msg
+    if count >= max_msgs or bytes + size > max_bytes then
+      stop = j
+      break
+    end
+    seq = seq + 1
+    count = count + 1
+    bytes = bytes + size
+    call('XADD', sk, format(idf, seq), 'm', msg)
+    n = n + 1
+    nreplies = n
+    replies[n] = seq
+  end
+  plain_st = nil
+  st.seq, st.count, st.bytes = seq, count, bytes
+  return stop
+end
+
+-- Set when a run without ids meets a channel whose dedup is on.
+local needs_ids = nil
 local function publish_all()
+  -- First every channel's state, and whether a run without ids may go ahead: nothing
+  -- is stored when one may not, so the client can send the whole call again.
   local i = 2
   while i <= #ARGV do
-    local ch, lane, k = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-    local st = states[ch] or state(ch)
-    local sk = st.keys[lane] or skey(ch, lane)
-    i = i + 3
-    local seen = false
-    if st.dedup_on then seen = lookup_run(dedup_buckets(st.dedup), i, k) end
-    for j = i, i + 2 * k - 1, 2 do
-      nreplies = nreplies + 1
-      replies[nreplies] = publish_one(st, ch, sk, ARGV[j], ARGV[j + 1],
-        seen and seen[(j - i) / 2 + 1])
+    local st = states[ARGV[i]] or state(ARGV[i])
+    local k = tonumber(ARGV[i + 2])
+    if ARGV[i + 3] == '1' then
+      i = i + 4 + 2 * k
+    else
+      if st.dedup_on then
+        needs_ids = ARGV[i]
+        return
+      end
+      i = i + 4 + k
     end
-    i = i + 2 * k
+  end
+  i = 2
+  while i <= #ARGV do
+    local ch, lane, k = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+    local st = states[ch]
+    local sk = st.keys[lane] or skey(ch, lane)
+    local ids = ARGV[i + 3] == '1'
+    i = i + 4
+    if ids then
+      local seen = false
+      if st.dedup_on then seen = lookup_run(dedup_buckets(st.dedup), i, k) end
+      for j = i, i + 2 * k - 1, 2 do
+        nreplies = nreplies + 1
+        replies[nreplies] = publish_one(st, ch, sk, ARGV[j], ARGV[j + 1],
+          seen and seen[(j - i) / 2 + 1])
+      end
+      i = i + 2 * k
+    else
+      local j, last = i, i + k - 1
+      while j <= last do
+        j = store_fitting(st, sk, j, last)
+        if j <= last then
+          -- Over a limit: trim or refuse (make_room), then go on with the rest.
+          local seq, refused = store(st, ch, sk, ARGV[j], '', '')
+          nreplies = nreplies + 1
+          replies[nreplies] = seq or refused
+          j = j + 1
+        end
+      end
+      i = i + k
+    end
   end
 end
 -- A command that fails (e.g. XADD when the server is out of memory) ends the call, but
@@ -309,14 +409,23 @@ if not ok and storing_st then
   local st = storing_st
   st.seq, st.count, st.bytes = st.seq - 1, st.count - 1, st.bytes - storing_size
 end
-local groups = replies[1]
+if not ok and plain_st then
+  -- Each message of the run stored so far has its reply.
+  local st, stored = plain_st, nreplies - plain_base
+  st.seq, st.count = st.seq + stored, st.count + stored
+  for j = plain_first, plain_first + stored - 1 do st.bytes = st.bytes + #ARGV[j] end
+end
+-- Counters are written back also when nothing was stored: reading a channel's state
+-- may have trimmed it (max_age).
+local channels = replies[1]
 for _, ch in ipairs(touched) do
   local st = states[ch]
   redis.call('HSET', st.ck, 'count', num(st.count), 'bytes', num(st.bytes), 'seq', num(st.seq),
     'lastms', num(st.lastms))
   if st.dropped > 0 then redis.call('HINCRBY', st.ck, 'dropped', st.dropped) end
-  groups[#groups + 1] = ch
-  groups[#groups + 1] = st.ngroups
+  channels[#channels + 1] = ch
+  channels[#channels + 1] = st.ngroups
+  channels[#channels + 1] = st.dedup_on and st.dedup or 0
 end
 -- The stored messages are remembered for dedup, one HSET per bucket, also after a failure.
 for _, dd in pairs(buckets) do
@@ -333,4 +442,5 @@ end
 if not ok then
   return redis.error_reply(type(failure) == 'table' and failure.err or tostring(failure))
 end
+if needs_ids then return {'ids', needs_ids} end
 return replies
