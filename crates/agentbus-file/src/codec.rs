@@ -774,7 +774,7 @@ impl<'a> R<'a> {
                 tenant,
                 trace,
                 headers,
-                content_type,
+                content_type: content_type.into(),
             },
             payload,
         })

@@ -91,7 +91,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                 tenant,
                 trace,
                 headers: headers.into_iter().collect::<BTreeMap<_, _>>(),
-                content_type: ct,
+                content_type: ct.into(),
             },
             payload: payload.into(),
         },

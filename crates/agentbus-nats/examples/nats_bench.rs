@@ -28,7 +28,8 @@
 //! ```
 //!
 //! `--only` runs one workload (consume still publishes its backlog first, untimed), and
-//! `--side=raw|agentbus` (with `--only=consume`) one side of it: for profiling one path,
+//! `--side=raw|agentbus` (with `--only=rr` or `--only=consume`) one side of it: for
+//! profiling one path,
 //! e.g. under `valgrind --tool=callgrind`. Rounds then no longer alternate, so compare
 //! rates from full runs only.
 //!
@@ -104,7 +105,7 @@ async fn main() -> Res<()> {
     {
         return Err(format!(
             "unknown flag {unknown}: the flags are --dedup, --only=rr|publish|consume and \
-             --side=raw|agentbus (with --only=consume)"
+             --side=raw|agentbus (with --only=rr or --only=consume)"
         )
         .into());
     }
@@ -114,8 +115,8 @@ async fn main() -> Res<()> {
     {
         return Err(format!("--only={o}: pick rr, publish or consume").into());
     }
-    if side.is_some() && only.as_deref() != Some("consume") {
-        return Err("--side needs --only=consume".into());
+    if side.is_some() && !matches!(only.as_deref(), Some("rr" | "consume")) {
+        return Err("--side needs --only=rr or --only=consume".into());
     }
     if let Some(s) = side.as_deref().filter(|s| !["raw", "agentbus"].contains(s)) {
         return Err(format!("--side={s}: pick raw or agentbus").into());
@@ -196,7 +197,7 @@ async fn main() -> Res<()> {
     for round in rr_rounds {
         // Round 0 warms both up and is not recorded.
         let count = if round == 0 { 50 } else { rr_n / ROUNDS };
-        for _ in 0..count {
+        for _ in 0..if raw_side { count } else { 0 } {
             let t = Instant::now();
             // Typed like `Bus::request`: encode the request, decode the reply.
             let request = serde_json::to_vec(&echo)?;
@@ -208,7 +209,7 @@ async fn main() -> Res<()> {
                 raw_rr.record(t.elapsed().as_micros() as u64)?;
             }
         }
-        for _ in 0..count {
+        for _ in 0..if our_side { count } else { 0 } {
             let t = Instant::now();
             let _: Echo = bus
                 .request(&rr_channel, &echo, Duration::from_secs(10))

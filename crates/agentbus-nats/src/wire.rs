@@ -353,7 +353,7 @@ pub(crate) fn decode_header(raw: &str) -> std::result::Result<Header, String> {
         tenant: None,
         trace: None,
         headers: BTreeMap::new(),
-        content_type: String::new(),
+        content_type: std::borrow::Cow::Borrowed(CONTENT_TYPE_JSON),
     };
     let mut content_type = None;
     for field in fields {
@@ -405,7 +405,9 @@ pub(crate) fn decode_header(raw: &str) -> std::result::Result<Header, String> {
     header.id = id.ok_or("it has no id")?;
     header.timestamp = timestamp.ok_or("it has no timestamp (ts)")?;
     header.kind = kind.ok_or("it has no kind")?;
-    header.content_type = content_type.unwrap_or_else(|| CONTENT_TYPE_JSON.to_string());
+    if let Some(content_type) = content_type {
+        header.content_type = content_type.into();
+    }
     Ok(header)
 }
 
@@ -846,7 +848,7 @@ mod tests {
             Header {
                 id, correlation_id, causation_id, timestamp, sender, receiver, kind,
                 priority: Priority::from_u8(priority).unwrap(),
-                reply_to, deadline, not_before, attempt, tenant, trace, headers, content_type,
+                reply_to, deadline, not_before, attempt, tenant, trace, headers, content_type: content_type.into(),
             }
         }
     }

@@ -256,9 +256,9 @@ pub(crate) fn decode(blob: &Bytes) -> Result<(Header, Bytes), WireError> {
         }
     }
     let content_type = if has(F_CONTENT_TYPE) {
-        r.string("content type")?
+        r.string("content type")?.into()
     } else {
-        DEFAULT_CONTENT_TYPE.to_string()
+        std::borrow::Cow::Borrowed(DEFAULT_CONTENT_TYPE)
     };
     let payload = blob.slice(r.at..);
     Ok((
@@ -502,7 +502,7 @@ mod tests {
                 tenant,
                 trace,
                 headers,
-                content_type,
+                content_type: content_type.into(),
             }
         }
     }

@@ -61,20 +61,37 @@ fn is_plain_name(input: &str) -> bool {
     // A leading dot, two in a row, or a trailing one make an empty token.
     let mut after_dot = true;
     for &b in bytes {
-        if b == b'.' {
-            if after_dot {
-                return false;
+        match TOKEN_BYTES[usize::from(b)] {
+            TOKEN => after_dot = false,
+            DOT if !after_dot => {
+                tokens += 1;
+                after_dot = true;
             }
-            tokens += 1;
-            after_dot = true;
-        } else if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
-            after_dot = false;
-        } else {
-            return false;
+            _ => return false,
         }
     }
     !after_dot && tokens <= MAX_TOKENS
 }
+
+/// What each byte is in a plain channel name: one table lookup per byte instead of
+/// the three range checks of `is_ascii_alphanumeric` and two comparisons (half of
+/// [`is_plain_name`]'s time).
+const TOKEN_BYTES: [u8; 256] = {
+    let mut table = [OTHER; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() || c == b'_' || c == b'-' {
+            table[b] = TOKEN;
+        }
+        b += 1;
+    }
+    table[b'.' as usize] = DOT;
+    table
+};
+const OTHER: u8 = 0;
+const TOKEN: u8 = 1;
+const DOT: u8 = 2;
 
 /// The full check, token by token, with an error naming the bad token.
 fn validate_tokens(input: &str, allow_wildcards: bool) -> Result<()> {
