@@ -1027,4 +1027,28 @@ mod tests {
             assert!(Meta::parse(other).is_none(), "{other}");
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn reply_subjects_round_trip(
+            numbers in proptest::array::uniform5(0u64..=9_999_999_999_999_999_999),
+            stream in "[a-zA-Z0-9_-]{1,12}",
+            consumer in "[a-zA-Z0-9_-]{1,12}",
+        ) {
+            let [delivered, sequence, consumer_sequence, stored, pending] = numbers;
+            let reply = format!(
+                "$JS.ACK.{stream}.{consumer}.{delivered}.{sequence}.{consumer_sequence}.{stored}.{pending}"
+            );
+            let meta = Meta::parse(&reply).expect("a short-form reply subject");
+            proptest::prop_assert_eq!(
+                (meta.sequence, u64::from(meta.delivered), meta.pending, meta.stored_nanos),
+                (sequence, delivered.clamp(1, u64::from(u32::MAX)), pending, i128::from(stored))
+            );
+        }
+
+        #[test]
+        fn reply_subject_garbage_never_panics(tail in "[0-9.a-z$]{0,80}") {
+            let _ = Meta::parse(&format!("$JS.ACK.{tail}"));
+        }
+    }
 }
