@@ -9,8 +9,8 @@
 //! from their subscription, without a task in between.
 //! Deadlines, delays and max deliveries are applied here, before a message is handed
 //! out. When there is nothing to fetch it sleeps until a new message on its pattern
-//! rings the doorbell (a core NATS subscription), a settle of its own frees room, or
-//! `idle_poll` passes (for ack-wait redeliveries no publish announces).
+//! rings the doorbell (a core NATS subscription, see [`Bell`]), a settle of its own
+//! frees room, or `idle_poll` passes (for ack-wait redeliveries no publish announces).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -260,9 +260,8 @@ impl NatsConsumer {
         }
         // The group's settings are the creator's (as in the memory engine).
         let info = lanes[0].cached_info().config.clone();
-        let bell = inner
-            .client
-            .subscribe(format!("{prefix}.*.{pattern}"))
+        let mut bell = Bell::new(inner.client.clone(), format!("{prefix}.*.{pattern}"));
+        bell.arm()
             .await
             .map_err(|e| backend("subscribing to new-message notices", e))?;
         // Core requests (Bus::request) on this pattern: one member of the group each.
@@ -817,10 +816,76 @@ fn lane_bit(subject: &str) -> u8 {
     }
 }
 
+/// The doorbell: a core NATS subscription on `<prefix>.*.<pattern>`, the subjects the
+/// stream stores, so every publish on a matching channel rings it with a copy of the
+/// message. An idle pump sleeps until it rings. A busy one does not need it (it asks
+/// again as long as lanes report more pending) and would only receive and drop a copy
+/// of every message it also fetches; so after [`Bell::DISARM_AFTER`] notices dropped
+/// without sleeping in between the pump unsubscribes, and subscribes again, followed
+/// by a sweep of every lane, when it next runs out of work with room to spare.
+struct Bell {
+    client: async_nats::Client,
+    subject: String,
+    subscriber: Option<async_nats::Subscriber>,
+    /// Notices dropped since the pump last slept idle.
+    dropped: u32,
+}
+
+impl Bell {
+    /// Notices a busy pump drops before it unsubscribes: enough that a consumer keeping
+    /// up with a moderate stream (a notice, a fetch, a sleep) never does.
+    const DISARM_AFTER: u32 = 256;
+
+    fn new(client: async_nats::Client, subject: String) -> Self {
+        Bell {
+            client,
+            subject,
+            subscriber: None,
+            dropped: 0,
+        }
+    }
+
+    /// Subscribes if not subscribed; true when it did just now (the caller then
+    /// sweeps every lane: what was published while unsubscribed rang nothing).
+    async fn arm(&mut self) -> Result<bool, async_nats::SubscribeError> {
+        if self.subscriber.is_some() {
+            return Ok(false);
+        }
+        self.subscriber = Some(self.client.subscribe(self.subject.clone()).await?);
+        Ok(true)
+    }
+
+    /// The lanes (bits, see [`lane_bit`]) of the notices waiting, which are dropped;
+    /// unsubscribes once a busy pump has dropped too many.
+    fn drain(&mut self) -> u8 {
+        let mut rang = 0;
+        if let Some(subscriber) = self.subscriber.as_mut() {
+            while let Some(Some(notice)) = subscriber.next().now_or_never() {
+                rang |= lane_bit(&notice.subject);
+                self.dropped += 1;
+            }
+        }
+        if self.dropped >= Self::DISARM_AFTER {
+            // Dropping the subscriber unsubscribes.
+            self.subscriber = None;
+            self.dropped = 0;
+        }
+        rang
+    }
+
+    /// The next notice; never while unsubscribed.
+    async fn next(&mut self) -> Option<async_nats::Message> {
+        match self.subscriber.as_mut() {
+            Some(subscriber) => subscriber.next().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 async fn pump(
     shared: Arc<Shared>,
     lanes: Vec<PullConsumer>,
-    mut bell: async_nats::Subscriber,
+    mut bell: Bell,
     tx: mpsc::UnboundedSender<Vec<Delivery>>,
 ) {
     let mut closed = shared.inner.closed.subscribe();
@@ -832,6 +897,8 @@ async fn pump(
     let mut rang = 0u8;
     let mut known = 0u8;
     let mut force_full = true;
+    // Set by re-subscribing to notices: the next idle sleep is short.
+    let mut recheck = false;
     let mut last_full = Instant::now();
     // The channel of the last message decoded (see `wire::decode`).
     let mut last_channel = None;
@@ -840,9 +907,7 @@ async fn pump(
             return;
         }
         // Notices are only wake-up calls: note which lanes rang, drop the rest.
-        while let Some(Some(notice)) = bell.next().now_or_never() {
-            rang |= lane_bit(&notice.subject);
-        }
+        rang |= bell.drain();
         rang |= shared.nacked.swap(0, Ordering::AcqRel);
         shared.housekeeping().await;
         let room = shared.permits.available_permits();
@@ -985,6 +1050,28 @@ async fn pump(
         }
         if let Some(due) = shared.next_due() {
             sleep_for = sleep_for.min(due.saturating_duration_since(Instant::now()));
+        }
+        if room > 0 {
+            // Idle with room: the bell is what wakes the pump for the next message.
+            match bell.arm().await {
+                Ok(true) => {
+                    // Subscribed again: sweep for what rang nothing meanwhile, and
+                    // look once more soon (a message published just before the
+                    // subscription took effect may not be stored yet).
+                    force_full = true;
+                    recheck = true;
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    failures += 1;
+                    tracing::debug!(group = &*shared.group, "resubscribing to notices: {e}");
+                }
+            }
+            bell.dropped = 0;
+            if std::mem::take(&mut recheck) {
+                sleep_for = sleep_for.min(Duration::from_millis(2));
+            }
         }
         tokio::select! {
             notice = bell.next(), if room > 0 => {
