@@ -260,7 +260,7 @@ impl NatsConsumer {
         }
         // The group's settings are the creator's (as in the memory engine).
         let info = lanes[0].cached_info().config.clone();
-        let mut bell = Bell::new(inner.client.clone(), format!("{prefix}.*.{pattern}"));
+        let mut bell = Bell::new(inner.client.clone(), &prefix, &pattern);
         bell.arm()
             .await
             .map_err(|e| backend("subscribing to new-message notices", e))?;
@@ -806,79 +806,103 @@ impl Shared {
 /// The longest one pull request may stay unanswered.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The bit of the lane a notice's subject (`<prefix>.<lane>.<channel>`) names, in
-/// the order of [`LANES`].
-fn lane_bit(subject: &str) -> u8 {
-    let lane = subject.split('.').nth(1).and_then(|l| l.parse::<u8>().ok());
-    match lane {
-        Some(n @ 1..=4) => 1 << (4 - n),
-        _ => 0b1111,
-    }
-}
-
-/// The doorbell: a core NATS subscription on `<prefix>.*.<pattern>`, the subjects the
-/// stream stores, so every publish on a matching channel rings it with a copy of the
-/// message. An idle pump sleeps until it rings. A busy one does not need it (it asks
-/// again as long as lanes report more pending) and would only receive and drop a copy
-/// of every message it also fetches; so after [`Bell::DISARM_AFTER`] notices dropped
-/// without sleeping in between the pump unsubscribes, and subscribes again, followed
-/// by a sweep of every lane, when it next runs out of work with room to spare.
+/// The doorbell: one core NATS subscription per lane on `<prefix>.<lane>.<pattern>`,
+/// the subjects the stream stores, so every publish on a matching channel rings its
+/// lane's bell with a copy of the message. An idle pump sleeps until one rings. A
+/// notice of a lane the pump already knows has more pending is of no use: the pump
+/// asks that lane again anyway and fetches the message, so the copy is received only
+/// to be dropped. After [`Bell::DISARM_AFTER`] such notices of a lane without an
+/// idle sleep in between the pump unsubscribes that lane (the other lanes keep
+/// ringing, so a message of a higher priority is still seen at once), and it
+/// subscribes again, followed by a sweep of every lane, when it next runs out of work
+/// with room to spare.
 struct Bell {
     client: async_nats::Client,
-    subject: String,
-    subscriber: Option<async_nats::Subscriber>,
-    /// Notices dropped since the pump last slept idle.
-    dropped: u32,
+    /// Per lane, in the order of [`LANES`].
+    subjects: Vec<String>,
+    subscribers: Vec<Option<async_nats::Subscriber>>,
+    /// Per lane: notices dropped while the lane was known to have more pending, since
+    /// the pump last slept idle.
+    redundant: [u32; 4],
 }
 
 impl Bell {
-    /// Notices a busy pump drops before it unsubscribes: enough that a consumer keeping
-    /// up with a moderate stream (a notice, a fetch, a sleep) never does.
+    /// Redundant notices of a lane before it is unsubscribed: enough that a consumer
+    /// keeping up with a moderate stream (a notice, a fetch, a sleep) never is.
     const DISARM_AFTER: u32 = 256;
 
-    fn new(client: async_nats::Client, subject: String) -> Self {
+    fn new(client: async_nats::Client, prefix: &str, pattern: &str) -> Self {
         Bell {
             client,
-            subject,
-            subscriber: None,
-            dropped: 0,
+            subjects: LANES
+                .iter()
+                .map(|&lane| wire::lane_filter(prefix, lane, pattern))
+                .collect(),
+            subscribers: LANES.iter().map(|_| None).collect(),
+            redundant: [0; 4],
         }
     }
 
-    /// Subscribes if not subscribed; true when it did just now (the caller then
-    /// sweeps every lane: what was published while unsubscribed rang nothing).
+    /// Subscribes every lane that is not; true when one was just now (the caller
+    /// then sweeps every lane: what was published while unsubscribed rang nothing).
     async fn arm(&mut self) -> Result<bool, async_nats::SubscribeError> {
-        if self.subscriber.is_some() {
-            return Ok(false);
-        }
-        self.subscriber = Some(self.client.subscribe(self.subject.clone()).await?);
-        Ok(true)
-    }
-
-    /// The lanes (bits, see [`lane_bit`]) of the notices waiting, which are dropped;
-    /// unsubscribes once a busy pump has dropped too many.
-    fn drain(&mut self) -> u8 {
-        let mut rang = 0;
-        if let Some(subscriber) = self.subscriber.as_mut() {
-            while let Some(Some(notice)) = subscriber.next().now_or_never() {
-                rang |= lane_bit(&notice.subject);
-                self.dropped += 1;
+        let mut armed = false;
+        for (subject, subscriber) in self.subjects.iter().zip(self.subscribers.iter_mut()) {
+            if subscriber.is_none() {
+                *subscriber = Some(self.client.subscribe(subject.clone()).await?);
+                armed = true;
             }
         }
-        if self.dropped >= Self::DISARM_AFTER {
-            // Dropping the subscriber unsubscribes.
-            self.subscriber = None;
-            self.dropped = 0;
+        Ok(armed)
+    }
+
+    /// The lanes (bits in the order of [`LANES`]) whose notices were waiting, which
+    /// are dropped; `known` are the lanes known to have more pending, whose notices
+    /// are redundant. Unsubscribes a lane with too many of those.
+    fn drain(&mut self, known: u8) -> u8 {
+        let mut rang = 0;
+        for (i, slot) in self.subscribers.iter_mut().enumerate() {
+            let Some(subscriber) = slot.as_mut() else {
+                continue;
+            };
+            let bit = 1 << i;
+            while let Some(Some(_)) = subscriber.next().now_or_never() {
+                rang |= bit;
+                if known & bit != 0 {
+                    self.redundant[i] += 1;
+                }
+            }
+            if self.redundant[i] >= Self::DISARM_AFTER {
+                // Dropping the subscriber unsubscribes.
+                *slot = None;
+                self.redundant[i] = 0;
+            }
         }
         rang
     }
 
-    /// The next notice; never while unsubscribed.
-    async fn next(&mut self) -> Option<async_nats::Message> {
-        match self.subscriber.as_mut() {
-            Some(subscriber) => subscriber.next().await,
-            None => std::future::pending().await,
-        }
+    /// The pump sleeps idle: notices are what wakes it now.
+    fn idle(&mut self) {
+        self.redundant = [0; 4];
+    }
+
+    /// The lane bit of the next notice; never while no lane is subscribed.
+    async fn next(&mut self) -> u8 {
+        std::future::poll_fn(|cx| {
+            for (i, slot) in self.subscribers.iter_mut().enumerate() {
+                if let Some(subscriber) = slot.as_mut() {
+                    match subscriber.poll_next_unpin(cx) {
+                        std::task::Poll::Ready(Some(_)) => return std::task::Poll::Ready(1 << i),
+                        // The subscription ended (the connection is closing): subscribe
+                        // again at the next idle sleep.
+                        std::task::Poll::Ready(None) => *slot = None,
+                        std::task::Poll::Pending => {}
+                    }
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
     }
 }
 
@@ -907,7 +931,7 @@ async fn pump(
             return;
         }
         // Notices are only wake-up calls: note which lanes rang, drop the rest.
-        rang |= bell.drain();
+        rang |= bell.drain(known);
         rang |= shared.nacked.swap(0, Ordering::AcqRel);
         shared.housekeeping().await;
         let room = shared.permits.available_permits();
@@ -1068,17 +1092,13 @@ async fn pump(
                     tracing::debug!(group = &*shared.group, "resubscribing to notices: {e}");
                 }
             }
-            bell.dropped = 0;
+            bell.idle();
             if std::mem::take(&mut recheck) {
                 sleep_for = sleep_for.min(Duration::from_millis(2));
             }
         }
         tokio::select! {
-            notice = bell.next(), if room > 0 => {
-                if let Some(notice) = notice {
-                    rang |= lane_bit(&notice.subject);
-                }
-            }
+            lane = bell.next(), if room > 0 => rang |= lane,
             _ = shared.wake.notified() => {}
             _ = tokio::time::sleep(sleep_for) => force_full = true,
             _ = closed.changed() => {}
