@@ -9,8 +9,9 @@
 //!    responder (which do the same serde work: encode, decode, encode, decode);
 //! 2. JetStream publish with a synchronous ack (sequential; msg/s): raw =
 //!    `jetstream.publish(..).await?.await?`; agentbus = `Transport::publish`;
-//! 3. consume + ack (msg/s) of the published backlog (N messages, read whole by a new
-//!    consumer or group each round): raw = a durable pull
+//! 3. consume + ack (msg/s) of a backlog of 5 × N messages (at most 120,000; the
+//!    published ones topped up), read whole by a new consumer or group each round
+//!    (so each round reads the whole backlog): raw = a durable pull
 //!    consumer fetching batches of 64 (no-wait pulls), acking each message and
 //!    flushing the client once per batch; agentbus = a group with prefetch 64,
 //!    `next_batch(64)` and `ack_all`. The same ack mode on both sides: an ack is a
@@ -34,7 +35,9 @@
 //! rates from full runs only.
 //!
 //! Every run uses fresh streams (memory storage, so the disk does not dominate) and
-//! deletes them at the end.
+//! deletes them at the end. Both sides run in this one process, with mimalloc as the
+//! allocator, as `agentbus-cli` does (`--features bench-system-allocator` for the
+//! system's).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,6 +51,14 @@ use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 
+/// mimalloc on both sides, as in agentbus's own binary (`agentbus-cli`); with
+/// `--features bench-system-allocator` both sides use the system allocator (glibc's
+/// here), whose `malloc`/`free` weigh more on agentbus's side: it allocates twice per
+/// delivered message (the shared envelope and its kind) where raw async-nats does not.
+#[cfg(not(feature = "bench-system-allocator"))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 const PAYLOAD: usize = 256;
@@ -55,6 +66,10 @@ const PAYLOAD: usize = 256;
 /// Raw and agentbus alternate in this many rounds per workload, so that a burst of
 /// load from elsewhere on the machine hits both sides rather than one.
 const ROUNDS: u64 = 5;
+
+/// The most messages the consume workload reads per round: its backlog (5 × N) stays
+/// under the bench channel's default `max_bytes` (64 MiB, about 150,000 messages).
+const CONSUME_BACKLOG_MAX: u64 = 120_000;
 
 /// The median of `rates` (sorted in place).
 fn median(rates: &mut [f64]) -> f64 {
@@ -300,11 +315,23 @@ async fn main() -> Res<()> {
             agentbus: format!("{ours_pub:.0}"),
             overhead: overhead(raw_pub, ours_pub, false),
         });
-    } else if runs("consume") {
-        // The backlog only, pipelined and untimed.
-        for _ in 0..(n / ROUNDS) {
-            let mut acks = Vec::with_capacity(ROUNDS as usize);
-            for _ in 0..ROUNDS {
+    }
+    // The consume backlog, which every round reads whole: what the publish workload
+    // stored, topped up (pipelined, untimed) to 5 × N, at most CONSUME_BACKLOG_MAX, so
+    // that a round lasts long enough (rounds of 1,000 took under 10 ms, and noise
+    // decided the ratio).
+    let published = if runs("publish") {
+        (n / ROUNDS) * ROUNDS
+    } else {
+        0
+    };
+    let total = (n * ROUNDS).clamp(published, CONSUME_BACKLOG_MAX.max(published));
+    if runs("consume") {
+        let mut have = published;
+        while have < total {
+            let k = (total - have).min(256);
+            let mut acks = Vec::with_capacity(k as usize);
+            for _ in 0..k {
                 acks.push(
                     js.publish(format!("{raw_stream}.js.x"), body.clone())
                         .await?,
@@ -313,10 +340,11 @@ async fn main() -> Res<()> {
             for ack in acks {
                 ack.await?;
             }
-            let envelopes = (0..ROUNDS).map(|_| envelope()).collect();
+            let envelopes = (0..k).map(|_| envelope()).collect();
             for receipt in transport.publish_batch(envelopes).await {
                 receipt?;
             }
+            have += k;
         }
     }
     if !runs("consume") {
@@ -336,7 +364,6 @@ async fn main() -> Res<()> {
 
     // 3. Consume + ack of the whole backlog, alternating rounds, each with a new
     //    consumer (raw) or group (agentbus) reading from the start.
-    let total = (n / ROUNDS) * ROUNDS;
     let (mut raw_rates, mut our_rates) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         if !raw_side {
