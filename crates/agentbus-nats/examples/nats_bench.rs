@@ -347,73 +347,60 @@ async fn main() -> Res<()> {
             have += k;
         }
     }
-    if !runs("consume") {
-        return finish(
-            rows,
-            n,
-            rr_n,
-            &url,
-            transport,
-            &js,
-            &raw_stream,
-            &client,
-            &prefix,
-        )
-        .await;
-    }
-
-    // 3. Consume + ack of the whole backlog, alternating rounds, each with a new
-    //    consumer (raw) or group (agentbus) reading from the start.
-    let (mut raw_rates, mut our_rates) = (Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
-        if !raw_side {
-            break;
-        }
-        let consumer = raw_js
-            .create_consumer(pull::Config {
-                durable_name: Some(format!("raw{round}")),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ..Default::default()
-            })
-            .await?;
-        let t = Instant::now();
-        let mut got = 0;
-        while got < total {
-            let mut batch = consumer.fetch().max_messages(64).messages().await?;
-            while let Some(m) = batch.next().await {
-                m?.ack().await?;
-                got += 1;
+    if runs("consume") {
+        // 3. Consume + ack of the whole backlog, alternating rounds, each with a new
+        //    consumer (raw) or group (agentbus) reading from the start.
+        let (mut raw_rates, mut our_rates) = (Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
+            if !raw_side {
+                break;
             }
-            // What `ack_all` promises: the batch's acks were written to the socket.
-            client.flush().await?;
+            let consumer = raw_js
+                .create_consumer(pull::Config {
+                    durable_name: Some(format!("raw{round}")),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ..Default::default()
+                })
+                .await?;
+            let t = Instant::now();
+            let mut got = 0;
+            while got < total {
+                let mut batch = consumer.fetch().max_messages(64).messages().await?;
+                while let Some(m) = batch.next().await {
+                    m?.ack().await?;
+                    got += 1;
+                }
+                // What `ack_all` promises: the batch's acks were written to the socket.
+                client.flush().await?;
+            }
+            raw_rates.push(total as f64 / t.elapsed().as_secs_f64());
         }
-        raw_rates.push(total as f64 / t.elapsed().as_secs_f64());
+        for round in 0..ROUNDS {
+            if !our_side {
+                break;
+            }
+            let group = SubscribeOptions::new(ChannelPattern::from(channel.clone()))
+                .group(format!("consumers{round}"))
+                .prefetch(64)
+                .start(agentbus::StartPosition::Earliest);
+            let mut ours = transport.subscribe(group).await?;
+            let t = Instant::now();
+            let mut got = 0;
+            while got < total {
+                let batch = ours.next_batch(64).await?;
+                got += batch.len() as u64;
+                ack_all(&batch).await?;
+            }
+            our_rates.push(total as f64 / t.elapsed().as_secs_f64());
+        }
+        let (raw_consume, ours_consume) = (median(&mut raw_rates), median(&mut our_rates));
+        rows.push(Row {
+            workload: "consume + ack (msg/s)",
+            raw: format!("{raw_consume:.0}"),
+            agentbus: format!("{ours_consume:.0}"),
+            overhead: overhead(raw_consume, ours_consume, false),
+        });
     }
-    for round in 0..ROUNDS {
-        if !our_side {
-            break;
-        }
-        let group = SubscribeOptions::new(ChannelPattern::from(channel.clone()))
-            .group(format!("consumers{round}"))
-            .prefetch(64)
-            .start(agentbus::StartPosition::Earliest);
-        let mut ours = transport.subscribe(group).await?;
-        let t = Instant::now();
-        let mut got = 0;
-        while got < total {
-            let batch = ours.next_batch(64).await?;
-            got += batch.len() as u64;
-            ack_all(&batch).await?;
-        }
-        our_rates.push(total as f64 / t.elapsed().as_secs_f64());
-    }
-    let (raw_consume, ours_consume) = (median(&mut raw_rates), median(&mut our_rates));
-    rows.push(Row {
-        workload: "consume + ack (msg/s)",
-        raw: format!("{raw_consume:.0}"),
-        agentbus: format!("{ours_consume:.0}"),
-        overhead: overhead(raw_consume, ours_consume, false),
-    });
     let _ = raw_js.info().await;
     finish(
         rows,

@@ -475,24 +475,38 @@ pub(crate) fn decode(
         )
     })?;
     let channel = known_channel(name, last)?;
-    // Written before the frame: the header travels as a NATS header.
-    if headers.is_some_and(|h| h.get(HEADER_NAME).is_some() || h.get(LEGACY_HEADER).is_some()) {
-        let header = header_of(headers, || format!("on '{subject}'"))?;
-        return Ok(Envelope {
-            channel,
-            header,
-            payload,
-        });
-    }
-    let (header, payload) = split_frame(payload).map_err(|why| {
-        Error::new(
-            ErrorKind::Schema,
+    envelope_of(
+        channel,
+        headers,
+        payload,
+        || format!("on '{subject}'"),
+        |why| {
             format!(
                 "a message on '{subject}' was not published by agentbus: {why}; publish \
                  through agentbus or to another subject"
-            ),
-        )
-    })?;
+            )
+        },
+    )
+}
+
+/// The envelope of a message on `channel`: from the `Agentbus` NATS header (or the
+/// older JSON one) of a message written before the frame, its payload untouched;
+/// else from the frame. `place` says where the message was, for a bad header;
+/// `not_ours` turns what is wrong with a payload that is no frame into the error.
+fn envelope_of(
+    channel: ChannelName,
+    headers: Option<&HeaderMap>,
+    payload: Bytes,
+    place: impl Fn() -> String,
+    not_ours: impl FnOnce(String) -> String,
+) -> Result<Envelope> {
+    let old =
+        headers.is_some_and(|h| h.get(HEADER_NAME).is_some() || h.get(LEGACY_HEADER).is_some());
+    let (header, payload) = if old {
+        (header_of(headers, place)?, payload)
+    } else {
+        split_frame(payload).map_err(|why| Error::new(ErrorKind::Schema, not_ours(why)))?
+    };
     Ok(Envelope {
         channel,
         header,
@@ -529,34 +543,22 @@ pub(crate) fn decode_core(
     headers: Option<&HeaderMap>,
     payload: Bytes,
 ) -> Result<Envelope> {
-    let channel = known_channel(channel, last)?;
-    // Written before the core frame: the header travels as a NATS header.
-    if headers.is_some_and(|h| !h.is_empty()) {
-        let header = header_of(headers, || format!("for '{channel}'"))?;
-        return Ok(Envelope {
-            channel,
-            header,
-            payload,
-        });
-    }
-    let (header, payload) = split_frame(payload).map_err(|why| {
-        Error::new(
-            ErrorKind::Schema,
+    envelope_of(
+        known_channel(channel, last)?,
+        headers,
+        payload,
+        || format!("for '{channel}'"),
+        |why| {
             format!(
                 "a core message for '{channel}' is not an agentbus request or reply: \
                  {why}; send requests with agentbus (a process older than the core \
                  frame cannot talk to a newer one: upgrade both)"
-            ),
-        )
-    })?;
-    Ok(Envelope {
-        channel,
-        header,
-        payload,
-    })
+            )
+        },
+    )
 }
 
-/// The header and payload of a core frame (see [`encode_frame`]).
+/// The header and payload of a frame (see [`encode_frame`]).
 fn split_frame(frame: Bytes) -> std::result::Result<(Header, Bytes), String> {
     let end = memchr::memchr(b'\n', &frame).ok_or("it has no header line")?;
     let text = std::str::from_utf8(&frame[..end]).map_err(|_| "its header line is not text")?;
