@@ -348,13 +348,7 @@ async fn a_channel_with_later_ids_than_the_clock_publishes_after_them() {
         .await
         .unwrap();
     assert!(second.sequence > first.sequence, "{first:?} {second:?}");
-    let range: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let range = every_entry(&mut conn, &stream).await;
     let ids: Vec<&str> = range.ids.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids.len(), 2, "{ids:?}");
     assert_eq!(
@@ -438,13 +432,7 @@ async fn failed_store_gives_back_its_sequence(dedup_window: Duration) {
         .await
         .unwrap();
     // Every stored message has the same size: the one stored last.
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let entries = every_entry(&mut conn, &stream).await;
     let size = entries.ids[0]
         .get::<Vec<u8>>("m")
         .map_or(0, |m| m.len() as u64);
@@ -453,6 +441,20 @@ async fn failed_store_gives_back_its_sequence(dedup_window: Duration) {
 }
 
 /// The statistics of `channel`.
+/// Every entry of `stream`, oldest first.
+async fn every_entry(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+) -> redis::streams::StreamRangeReply {
+    redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .expect("XRANGE")
+}
+
 async fn channel_stats(transport: &RedisTransport, channel: &ChannelName) -> ChannelStats {
     let stats = transport.stats().await.unwrap();
     stats
