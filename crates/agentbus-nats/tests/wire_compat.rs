@@ -1,0 +1,153 @@
+//! What is on the wire, seen from both sides, on the real nats-server
+//! (`AGENTBUS_NATS_URL`, default nats://127.0.0.1:4222): messages stored by earlier
+//! versions (the envelope header as the NATS header `Agentbus`, or as the JSON
+//! `Agentbus-Header`) are still consumed; a message agentbus did not write is dropped
+//! without stopping the consumer; and a NATS-native reader sees an agentbus message
+//! as the header line, a line feed, then the payload (docs/NATS.md "The frame").
+
+use std::time::Duration;
+
+use agentbus::{
+    ack_all, ChannelName, ChannelPattern, Envelope, Header, StartPosition, SubscribeOptions,
+    Transport,
+};
+use agentbus_nats::{NatsOptions, NatsStorage, NatsTransport};
+use futures::StreamExt;
+
+fn url() -> String {
+    std::env::var("AGENTBUS_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_string())
+}
+
+#[tokio::test]
+async fn old_formats_are_read_foreign_messages_skipped_and_the_frame_is_plain_text() {
+    let prefix = format!("abwire{}", uuid::Uuid::new_v4().simple());
+    let transport = NatsTransport::connect(
+        &url(),
+        NatsOptions::default()
+            .prefix(prefix.clone())
+            .storage(NatsStorage::Memory),
+    )
+    .await
+    .expect("nats-server with JetStream at AGENTBUS_NATS_URL");
+    let channel = ChannelName::new("orders.compat").unwrap();
+    let subject = format!("{prefix}.2.orders.compat");
+    let js = async_nats::jetstream::new(transport.client().clone());
+    // A NATS-native reader of the channel's normal lane, started first.
+    let mut native = transport
+        .client()
+        .subscribe(subject.clone())
+        .await
+        .expect("subscribe");
+
+    // Stored by an earlier agentbus: the compact header as the NATS header `Agentbus`.
+    let old_id = "0192f3a0-c2d4-7b1e-9a3c-5d7e9f1a2b3c";
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "Agentbus",
+        format!("1;id={old_id};ts=1764117773.000000005;kind=test.old;p=2").as_str(),
+    );
+    js.publish_with_headers(subject.clone(), headers, "old".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    // Older still: the JSON header.
+    let legacy = Header::new("test.legacy");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "Agentbus-Header",
+        serde_json::to_string(&legacy).unwrap().as_str(),
+    );
+    js.publish_with_headers(subject.clone(), headers, "legacy".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    // Not written by agentbus at all.
+    js.publish(subject.clone(), "hello from elsewhere".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    // Written now.
+    let current = Envelope::new(
+        channel.clone(),
+        "test.new",
+        b"new\nwith a line feed".to_vec(),
+    );
+    transport.publish(current.clone()).await.expect("publish");
+
+    let mut consumer = transport
+        .subscribe(
+            SubscribeOptions::new(ChannelPattern::from(channel.clone()))
+                .group("compat")
+                .start(StartPosition::Earliest),
+        )
+        .await
+        .expect("subscribe");
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let batch = tokio::time::timeout(Duration::from_secs(10), consumer.next_batch(8))
+            .await
+            .expect("the readable messages come, the foreign one does not stop them")
+            .expect("next_batch");
+        for delivery in &batch {
+            let e = delivery.envelope();
+            got.push((e.header.kind.clone(), e.header.id, e.payload.clone()));
+        }
+        ack_all(&batch).await.expect("ack");
+    }
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(got[0].0, "test.old");
+    assert_eq!(got[0].1.to_string(), old_id);
+    assert_eq!(&got[0].2[..], b"old");
+    assert_eq!(got[1].0, "test.legacy");
+    assert_eq!(got[1].1, legacy.id);
+    assert_eq!(&got[1].2[..], b"legacy");
+    assert_eq!(got[2].0, "test.new");
+    assert_eq!(got[2].1, current.header.id);
+    assert_eq!(&got[2].2[..], b"new\nwith a line feed");
+    // Nothing else: the foreign message was dropped (and terminated).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), consumer.next_batch(8))
+            .await
+            .is_err(),
+        "the foreign message was delivered"
+    );
+
+    // What a NATS-native reader saw of the message written now: no NATS headers (the
+    // channel dedups, so only `Nats-Msg-Id`), the header line, then the payload.
+    let mut frame = None;
+    while frame.is_none() {
+        let message = tokio::time::timeout(Duration::from_secs(5), native.next())
+            .await
+            .expect("the native reader got every message")
+            .expect("subscription open");
+        if message.payload.starts_with(b"1;id=") {
+            frame = Some(message);
+        }
+    }
+    let frame = frame.unwrap();
+    let headers = frame.headers.clone().unwrap_or_default();
+    assert!(headers.get("Agentbus").is_none());
+    assert_eq!(
+        headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .map(|v| v.as_str().to_string()),
+        Some(current.header.id.to_string())
+    );
+    let text = String::from_utf8(frame.payload.to_vec()).expect("the frame is text here");
+    let (line, payload) = text.split_once('\n').expect("a header line");
+    assert!(
+        line.contains(&format!("id={}", current.header.id)),
+        "{line}"
+    );
+    assert!(line.contains(";kind=test.new;"), "{line}");
+    assert_eq!(payload, "new\nwith a line feed");
+
+    drop(consumer);
+    transport.close().await.expect("close");
+    NatsTransport::delete_prefix(transport.client(), &prefix)
+        .await
+        .expect("delete the test prefix");
+}
