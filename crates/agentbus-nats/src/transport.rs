@@ -229,8 +229,8 @@ impl NatsTransport {
         config.map_or(self.inner.options.duplicate_window, |c| c.dedup_window)
     }
 
-    /// Applies the channel's limits to a publish and encodes it: the subject, the
-    /// headers and the dedup window it is stored under.
+    /// Applies the channel's limits to a publish and encodes it: its subject, headers,
+    /// frame and the dedup window it is stored under.
     async fn prepare_publish(&self, envelope: &Envelope) -> Result<Prepared> {
         let config = self.config_for(&envelope.channel);
         if let Some(config) = &config {
