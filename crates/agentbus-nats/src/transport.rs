@@ -832,16 +832,21 @@ impl Transport for NatsTransport {
                 self.check_open()?;
                 self.inner.limits.check(&envelope, Utc::now())?;
                 let prepared = self.prepare_publish(&envelope).await?;
+                // Kept for a second store only where one can be needed (a channel
+                // window shorter than the stream's, as in `store`): otherwise the
+                // subject, headers and frame are moved into the publish, not copied.
+                let resend =
+                    (prepared.window < *self.inner.stream_window.lock()).then(|| prepared.clone());
                 let future = self
                     .inner
                     .js
                     .send_publish(
-                        prepared.subject.clone(),
-                        publication(prepared.headers.clone(), prepared.payload.clone()),
+                        prepared.subject,
+                        publication(prepared.headers, prepared.payload),
                     )
                     .await
                     .map_err(|e| publish_error(&envelope.channel, e))?;
-                Ok((envelope.header.id, envelope.channel, future, prepared))
+                Ok((envelope.header.id, envelope.channel, future, resend))
             }
             .await;
             pending.push(sent);
@@ -850,15 +855,18 @@ impl Transport for NatsTransport {
         for sent in pending {
             receipts.push(match sent {
                 Err(e) => Err(e),
-                Ok((id, channel, future, prepared)) => {
-                    let stored = match future.await {
-                        Ok(ack) => match self.outside_window(&ack, prepared.window).await {
-                            // A duplicate only in the stream's longer window: store it.
-                            Ok(true) => self.store(prepared, id, &channel).await,
-                            Ok(false) => Ok(ack),
-                            Err(e) => Err(e),
-                        },
-                        Err(e) => Err(publish_error(&channel, e)),
+                Ok((id, channel, future, resend)) => {
+                    let stored = match (future.await, resend) {
+                        (Ok(ack), Some(prepared)) => {
+                            match self.outside_window(&ack, prepared.window).await {
+                                // A duplicate only in the stream's longer window: store it.
+                                Ok(true) => self.store(prepared, id, &channel).await,
+                                Ok(false) => Ok(ack),
+                                Err(e) => Err(e),
+                            }
+                        }
+                        (Ok(ack), None) => Ok(ack),
+                        (Err(e), _) => Err(publish_error(&channel, e)),
                     };
                     stored.map(|ack| PublishReceipt {
                         id,
@@ -1251,6 +1259,7 @@ impl std::fmt::Display for Limit {
 
 /// A publish ready to send: what [`NatsTransport::prepare_publish`] makes of an
 /// envelope.
+#[derive(Clone)]
 struct Prepared {
     subject: String,
     /// `Nats-Msg-Id` when the channel dedups; `None` sends a message without headers.

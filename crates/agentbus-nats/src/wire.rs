@@ -342,7 +342,6 @@ pub(crate) fn decode_header(raw: &str) -> std::result::Result<Header, String> {
         headers: BTreeMap::new(),
         content_type: std::borrow::Cow::Borrowed(CONTENT_TYPE_JSON),
     };
-    let mut content_type = None;
     for field in fields {
         let (key, value) = memchr::memchr(b'=', field.as_bytes())
             .map(|i| (&field[..i], &field[i + 1..]))
@@ -376,7 +375,7 @@ pub(crate) fn decode_header(raw: &str) -> std::result::Result<Header, String> {
             "att" => header.attempt = value.parse().map_err(|_| bad())?,
             "tenant" => header.tenant = Some(text()?),
             "tp" => header.trace = Some(text()?),
-            "ct" => content_type = Some(text()?),
+            "ct" => header.content_type = text()?.into(),
             _ => {
                 if let Some(name) = key.strip_prefix("h.") {
                     let name = unescape(name)
@@ -390,9 +389,6 @@ pub(crate) fn decode_header(raw: &str) -> std::result::Result<Header, String> {
     header.id = id.ok_or("it has no id")?;
     header.timestamp = timestamp.ok_or("it has no timestamp (ts)")?;
     header.kind = kind.ok_or("it has no kind")?;
-    if let Some(content_type) = content_type {
-        header.content_type = content_type.into();
-    }
     Ok(header)
 }
 

@@ -293,3 +293,69 @@ async fn dedup_window_per_channel_shorter_longer_and_off() {
     }
     fx.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_batch_applies_a_channels_shorter_dedup_window_too() {
+    let fx = Fixture::new(NatsOptions {
+        duplicate_window: Duration::from_secs(3),
+        ..NatsOptions::default()
+    })
+    .await;
+    let (short, plain) = (channel("ddb.short"), channel("ddb.plain"));
+    fx.transport
+        .configure_channels(
+            short.clone().into(),
+            ChannelConfig {
+                dedup_window: Duration::from_millis(300),
+                ..ChannelConfig::default()
+            },
+        )
+        .await
+        .expect("configure dedup_window");
+    let batch = vec![envelope(&short, 1), envelope(&plain, 1)];
+    let first: Vec<_> = fx
+        .transport
+        .publish_batch(batch.clone())
+        .await
+        .into_iter()
+        .map(|r| r.expect("publish"))
+        .collect();
+    let at_once: Vec<_> = fx
+        .transport
+        .publish_batch(batch.clone())
+        .await
+        .into_iter()
+        .map(|r| r.expect("republish"))
+        .collect();
+    for (a, b) in first.iter().zip(&at_once) {
+        assert!(
+            b.duplicate,
+            "{}: a republish at once is a duplicate",
+            a.channel
+        );
+        assert_eq!(a.sequence, b.sequence, "a duplicate names the original");
+    }
+    // Past the short channel's window, inside the stream's (and the plain channel's).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let later: Vec<_> = fx
+        .transport
+        .publish_batch(batch)
+        .await
+        .into_iter()
+        .map(|r| r.expect("publish later"))
+        .collect();
+    assert!(
+        !later[0].duplicate,
+        "past its own window the short channel stores again"
+    );
+    assert!(
+        later[0].sequence > first[0].sequence,
+        "under a new sequence"
+    );
+    assert!(
+        later[1].duplicate,
+        "the plain channel keeps the stream's window"
+    );
+    assert_eq!(later[1].sequence, first[1].sequence);
+    fx.cleanup().await;
+}
