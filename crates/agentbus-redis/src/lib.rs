@@ -428,19 +428,20 @@ impl RedisTransport {
         let now = Utc::now();
         let mut results: Vec<Option<agentbus::Result<PublishReceipt>>> =
             Vec::with_capacity(envelopes.len());
-        let mut sent: Vec<(usize, MessageId, ChannelName)> = Vec::with_capacity(envelopes.len());
+        // The checked envelopes, and the slot of `results` each one's receipt goes in.
         let mut accepted: Vec<Envelope> = Vec::with_capacity(envelopes.len());
+        let mut slots: Vec<usize> = Vec::with_capacity(envelopes.len());
         for mut envelope in envelopes {
             if let Err(e) = self.shared.limits.check(&envelope, now) {
                 results.push(Some(Err(e)));
                 continue;
             }
             envelope.header.attempt = 1;
-            sent.push((results.len(), envelope.header.id, envelope.channel.clone()));
+            slots.push(results.len());
             results.push(None);
             accepted.push(envelope);
         }
-        if !sent.is_empty() {
+        if !accepted.is_empty() {
             let mut reply = self.publish_call(&accepted, false).await;
             if let Ok(Some(channel)) = reply.as_ref().map(needs_ids) {
                 // The channel's dedup was turned on since this client learned it was
@@ -471,16 +472,21 @@ impl RedisTransport {
                             .and_then(|triple| triple.get(1))
                             .map_or(0, int)
                     };
-                    for (i, (slot, id, channel)) in sent.into_iter().enumerate() {
-                        let groups = groups_of(&channel);
-                        results[slot] = Some(receipt(replies.get(i + 1), id, channel, groups));
+                    for (i, (slot, envelope)) in slots.into_iter().zip(accepted).enumerate() {
+                        let groups = groups_of(&envelope.channel);
+                        results[slot] = Some(receipt(
+                            replies.get(i + 1),
+                            envelope.header.id,
+                            envelope.channel,
+                            groups,
+                        ));
                     }
                 }
                 Err(e) => {
                     let error = self.shared.err("publish", e);
-                    for (slot, _, channel) in sent {
+                    for (slot, envelope) in slots.into_iter().zip(accepted) {
                         results[slot] = Some(Err(Error::new(error.kind(), error.message())
-                            .with_context("channel", channel)
+                            .with_context("channel", envelope.channel)
                             .set_temporary(error.is_temporary())));
                     }
                 }
