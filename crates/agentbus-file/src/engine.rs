@@ -811,24 +811,16 @@ fn file_sizes(storage: &dyn Storage, files: &[(u64, String)]) -> String {
         Ok(bytes) => format!("{name} ({bytes} B)"),
         Err(_) => format!("{name} (size unknown)"),
     };
-    if files.len() <= 2 * SHOWN_AT_EACH_END {
-        return files
-            .iter()
-            .map(|(_, name)| describe(name))
-            .collect::<Vec<_>>()
-            .join(", ");
+    let elided = files.len().saturating_sub(2 * SHOWN_AT_EACH_END);
+    let mut shown = Vec::with_capacity(files.len().min(2 * SHOWN_AT_EACH_END + 1));
+    for (i, (_, name)) in files.iter().enumerate() {
+        if i < SHOWN_AT_EACH_END || i >= SHOWN_AT_EACH_END + elided {
+            shown.push(describe(name));
+        } else if i == SHOWN_AT_EACH_END {
+            shown.push(format!("… {elided} more …"));
+        }
     }
-    let head = files[..SHOWN_AT_EACH_END]
-        .iter()
-        .map(|(_, name)| describe(name));
-    let tail = files[files.len() - SHOWN_AT_EACH_END..]
-        .iter()
-        .map(|(_, name)| describe(name));
-    let elided = files.len() - 2 * SHOWN_AT_EACH_END;
-    head.chain(std::iter::once(format!("… {elided} more …")))
-        .chain(tail)
-        .collect::<Vec<_>>()
-        .join(", ")
+    shown.join(", ")
 }
 
 async fn timer_loop(shared: Weak<Shared>) {
@@ -1357,5 +1349,30 @@ impl Drop for FileConsumer {
         if removed {
             self.shared.inner.lock().wakers.remove(&group);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::file_sizes;
+    use crate::storage::StdStorage;
+
+    #[test]
+    fn file_lists_past_sixteen_keep_eight_at_each_end() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f00"), b"abc").unwrap();
+        let storage = StdStorage::new(dir.path()).unwrap();
+        let files =
+            |n: u64| -> Vec<(u64, String)> { (0..n).map(|i| (i, format!("f{i:02}"))).collect() };
+        let all = file_sizes(&storage, &files(16));
+        assert!(all.starts_with("f00 (3 B), f01 (size unknown), "), "{all}");
+        assert_eq!(all.split(", ").count(), 16, "{all}");
+        let elided = file_sizes(&storage, &files(20));
+        let shown: Vec<&str> = elided.split(", ").collect();
+        assert_eq!(shown.len(), 17, "{elided}");
+        assert_eq!(shown[7], "f07 (size unknown)");
+        assert_eq!(shown[8], "… 4 more …");
+        assert_eq!(shown[9], "f12 (size unknown)");
+        assert_eq!(shown[16], "f19 (size unknown)");
     }
 }
