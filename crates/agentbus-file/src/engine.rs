@@ -892,7 +892,7 @@ impl Transport for FileEngine {
         self.shared.check_open()?;
         self.shared
             .limits
-            .check(&envelope, self.shared.clock.now())?;
+            .check(&envelope, || self.shared.clock.now())?;
         let (result, lsn) = self.shared.with_state(|state, now, wake, journal| {
             publish_journaled(state, envelope, now, wake, journal)
         });
@@ -910,7 +910,7 @@ impl Transport for FileEngine {
             envelopes
                 .into_iter()
                 .map(|envelope| {
-                    limits.check(&envelope, now)?;
+                    limits.check(&envelope, || now)?;
                     publish_journaled(state, envelope, now, wake, journal)
                 })
                 .collect::<Vec<_>>()

@@ -70,6 +70,9 @@ pub(crate) struct Inner {
     pub(crate) closed: watch::Sender<bool>,
     closing: AtomicBool,
     limits: PublishLimits,
+    /// The channel of replies to this client's requests: its request inbox,
+    /// validated once (the subject of each reply adds a token per request).
+    reply_inbox: Mutex<Option<ChannelName>>,
 }
 
 /// The consumer name of `group`'s lane `priority`.
@@ -153,6 +156,7 @@ impl NatsTransport {
             limits: PublishLimits {
                 max_payload_bytes: max_payload,
             },
+            reply_inbox: Mutex::new(None),
             options,
         });
         inner.watch_groups().await?;
@@ -808,7 +812,7 @@ impl Transport for NatsTransport {
 
     async fn publish(&self, envelope: Envelope) -> Result<PublishReceipt> {
         self.check_open()?;
-        self.inner.limits.check(&envelope, Utc::now())?;
+        self.inner.limits.check(&envelope, Utc::now)?;
         if envelope.channel.as_str().starts_with("_INBOX.") {
             return self.reply_core(envelope).await;
         }
@@ -830,7 +834,7 @@ impl Transport for NatsTransport {
         for envelope in envelopes {
             let sent = async {
                 self.check_open()?;
-                self.inner.limits.check(&envelope, Utc::now())?;
+                self.inner.limits.check(&envelope, Utc::now)?;
                 let prepared = self.prepare_publish(&envelope).await?;
                 // Kept for a second store only where one can be needed (a channel
                 // window shorter than the stream's, as in `store`): otherwise the
@@ -1122,7 +1126,7 @@ impl Transport for NatsTransport {
 
     async fn request(&self, mut envelope: Envelope, timeout: Duration) -> Result<Envelope> {
         self.check_open()?;
-        self.inner.limits.check(&envelope, Utc::now())?;
+        self.inner.limits.check(&envelope, Utc::now)?;
         let channel = envelope.channel.clone();
         // The reply subject is the client's shared request inbox (one subscription for
         // every request, no SUB/UNSUB per request); it is only known once sent, so the
@@ -1135,13 +1139,18 @@ impl Transport for NatsTransport {
             .timeout(Some(timeout));
         match self.inner.client.send_request(subject, request).await {
             Ok(reply) => {
-                let reply_channel = reply.subject.to_string();
-                wire::decode_core(
-                    &reply_channel,
-                    &mut None,
-                    reply.headers.as_ref(),
-                    reply.payload,
-                )
+                // A reply's channel is the requester's inbox, `_INBOX.<id>`, as on the
+                // memory engine (the bus's inbox), not the subject with its
+                // per-request token: one name, checked once.
+                let subject = reply.subject.as_str();
+                let inbox = subject.rsplit_once('.').map_or(subject, |(inbox, _)| inbox);
+                let mut known = self.inner.reply_inbox.lock().clone();
+                let decoded =
+                    wire::decode_core(inbox, &mut known, reply.headers.as_ref(), reply.payload);
+                if let Some(known) = known {
+                    self.inner.reply_inbox.lock().get_or_insert(known);
+                }
+                decoded
             }
             Err(e) => Err(match e.kind() {
                 async_nats::RequestErrorKind::NoResponders => Error::new(
@@ -1172,7 +1181,7 @@ impl Transport for NatsTransport {
         mut envelope: Envelope,
     ) -> Result<(usize, futures::stream::BoxStream<'static, Envelope>)> {
         self.check_open()?;
-        self.inner.limits.check(&envelope, Utc::now())?;
+        self.inner.limits.check(&envelope, Utc::now)?;
         let channel = envelope.channel.clone();
         let inbox = self.inner.client.new_inbox();
         envelope.header.reply_to = Some(ChannelName::new(&inbox)?);

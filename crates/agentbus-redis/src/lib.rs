@@ -432,7 +432,7 @@ impl RedisTransport {
         let mut accepted: Vec<Envelope> = Vec::with_capacity(envelopes.len());
         let mut slots: Vec<usize> = Vec::with_capacity(envelopes.len());
         for mut envelope in envelopes {
-            if let Err(e) = self.shared.limits.check(&envelope, now) {
+            if let Err(e) = self.shared.limits.check(&envelope, || now) {
                 results.push(Some(Err(e)));
                 continue;
             }

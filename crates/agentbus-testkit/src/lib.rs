@@ -201,7 +201,7 @@ macro_rules! __agentbus_testkit_rules {
             rule_dead_letter_admin: "dead letters can be listed, filtered, shown, replayed and purged; unknown ids are NotFound",
             rule_settle_twice: "settling a delivery twice is AlreadySettled",
             rule_bad_input: "bad channel names, oversized payloads and bad options are typed errors that disturb nothing",
-            rule_request_reply: "a request gets its reply",
+            rule_request_reply: "a request gets its reply, in the request's trace",
             rule_request_no_responders: "a request nobody subscribes to fails at once with NoResponders",
             rule_request_timeout: "an unanswered request fails with Timeout naming the channel",
             rule_slow_requester_isolated: "one slow or vanished requester never makes other requests lose their replies",

@@ -116,8 +116,7 @@ impl PublishOptions {
 
     /// Builds a header for `kind` at `now`.
     pub fn to_header(&self, kind: &str, now: DateTime<Utc>) -> Header {
-        let mut header = Header::new(kind);
-        header.timestamp = now;
+        let mut header = Header::new_at(kind, now);
         if let Some(id) = self.id {
             header.id = id;
         }
@@ -537,6 +536,8 @@ impl Bus {
             self.inner
                 .registry
                 .validate(&request, self.inner.strict_kinds)?;
+            // Stamped as every publish is, so the reply continues the request's trace.
+            crate::trace_context::stamp(&mut request.header);
             return self.inner.transport.request(request, timeout).await;
         }
         let inbox = self.inbox().await?.clone();
@@ -631,6 +632,7 @@ impl Bus {
         self.inner
             .registry
             .validate(&request, self.inner.strict_kinds)?;
+        crate::trace_context::stamp(&mut request.header);
         let (groups, replies) = self.inner.transport.scatter(request).await?;
         Ok(self
             .collect_replies(spec, groups, groups > 0, replies, end)

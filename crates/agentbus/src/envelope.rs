@@ -171,15 +171,18 @@ impl MessageId {
     /// timestamp. The counter context is per thread, so making ids never contends on
     /// a lock shared by every thread (as `Uuid::now_v7` does).
     pub fn new_at(now: std::time::SystemTime) -> Self {
-        thread_local! {
-            static CONTEXT: uuid::ContextV7 = const { uuid::ContextV7::new() };
-        }
         let since_epoch = now
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        let timestamp = CONTEXT.with(|context| {
-            uuid::Timestamp::from_unix(context, since_epoch.as_secs(), since_epoch.subsec_nanos())
-        });
+        Self::from_unix(since_epoch.as_secs(), since_epoch.subsec_nanos())
+    }
+
+    /// A fresh id whose time part is Unix time `secs` and `nanos`.
+    fn from_unix(secs: u64, nanos: u32) -> Self {
+        thread_local! {
+            static CONTEXT: uuid::ContextV7 = const { uuid::ContextV7::new() };
+        }
+        let timestamp = CONTEXT.with(|context| uuid::Timestamp::from_unix(context, secs, nanos));
         MessageId(Uuid::new_v7(timestamp))
     }
 }
@@ -272,12 +275,32 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 impl Header {
     /// A header with a fresh id, the current time, `kind` and defaults elsewhere.
     pub fn new(kind: impl Into<String>) -> Self {
-        let now = std::time::SystemTime::now();
+        Self::new_at(kind, Utc::now())
+    }
+
+    /// A header with a fresh id made at `now`, timestamp `now`, `kind` and defaults
+    /// elsewhere: what a [`Bus`](crate::Bus) builds with the time of its own clock
+    /// (one clock read per message, not three).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use agentbus::Header;
+    /// use chrono::Utc;
+    ///
+    /// let now = Utc::now();
+    /// let header = Header::new_at("vehicle.data", now);
+    /// assert_eq!(header.timestamp, now);
+    /// assert!(header.id < Header::new_at("vehicle.data", now).id);
+    /// ```
+    pub fn new_at(kind: impl Into<String>, now: DateTime<Utc>) -> Self {
+        // Before 1970 (only a manual clock goes there), the id's time part is 0.
+        let secs = u64::try_from(now.timestamp()).unwrap_or(0);
         Header {
-            id: MessageId::new_at(now),
+            id: MessageId::from_unix(secs, now.timestamp_subsec_nanos()),
             correlation_id: None,
             causation_id: None,
-            timestamp: DateTime::<Utc>::from(now),
+            timestamp: now,
             sender: None,
             receiver: None,
             kind: kind.into(),

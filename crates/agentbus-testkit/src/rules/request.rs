@@ -4,8 +4,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use agentbus::trace_context::{TraceParent, PARENT_SPAN_HEADER};
 use agentbus::{
-    Bus, ChannelName, DeadReason, Envelope, ErrorKind, GatherSpec, Message, SubscribeOptions,
+    Bus, ChannelName, DeadReason, Envelope, ErrorKind, GatherSpec, Message, PublishOptions,
+    SubscribeOptions,
 };
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -131,6 +133,35 @@ pub async fn rule_request_reply(factory: &dyn TransportFactory) -> RuleResult {
                 .context(format!("request {n}"))?;
             ensure_eq!(reply.n, n + REPLY_OFFSET, "the reply to request {n}");
         }
+        // The trace follows: the request is a span of the caller's trace, and the
+        // reply a span under the request's (not under the caller's, which would
+        // mean the request went out unstamped).
+        let upstream = TraceParent::new_root();
+        let options = PublishOptions {
+            trace: Some(upstream.to_string()),
+            ..PublishOptions::default()
+        };
+        let request = bus
+            .envelope(&channel, &Num { n: 4 }, &options)
+            .context("building request 4")?;
+        let reply = bus
+            .request_envelope(request, WAIT)
+            .await
+            .context("request 4")?;
+        let traced = reply.header.trace.as_deref().and_then(TraceParent::parse);
+        ensure!(
+            traced.is_some_and(|t| t.trace_id == upstream.trace_id),
+            "the reply to a traced request carries the request's trace id {}, not {:?}",
+            upstream.trace_id_hex(),
+            reply.header.trace
+        );
+        let parent = reply.header.headers.get(PARENT_SPAN_HEADER);
+        ensure!(
+            parent.is_some_and(|p| *p != upstream.span_id_hex()),
+            "the reply's parent span is the request's own span, not the caller's {} \
+             (got {parent:?}): the request must be stamped on the way out",
+            upstream.span_id_hex()
+        );
         Ok(Outcome::Passed)
     })
     .await

@@ -263,7 +263,7 @@ impl Transport for MemoryEngine {
         self.shared.check_open()?;
         self.shared
             .limits
-            .check(&envelope, self.shared.clock.now())?;
+            .check(&envelope, || self.shared.clock.now())?;
         self.shared
             .with_state(|state, now, wake| state.publish(envelope, now, wake))
     }
@@ -281,7 +281,7 @@ impl Transport for MemoryEngine {
             envelopes
                 .into_iter()
                 .map(|envelope| {
-                    limits.check(&envelope, now)?;
+                    limits.check(&envelope, || now)?;
                     state.publish(envelope, now, wake)
                 })
                 .collect()
