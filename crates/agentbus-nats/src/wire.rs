@@ -243,8 +243,21 @@ fn push_digits(out: &mut String, n: u64, width: usize) {
 
 /// Whether `b` must be percent-encoded in a name or value.
 fn needs_escape(b: u8) -> bool {
-    matches!(b, b'%' | b';' | b'=' | b' ') || !(0x20..0x7f).contains(&b)
+    ESCAPED[usize::from(b)]
 }
+
+/// [`needs_escape`] as a table: one load per byte instead of four comparisons and a
+/// range check (the kind and the 55-byte traceparent are checked in every frame).
+const ESCAPED: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = matches!(c, b'%' | b';' | b'=' | b' ') || c < 0x20 || c >= 0x7f;
+        b += 1;
+    }
+    table
+};
 
 fn push_escaped(out: &mut String, s: &str) {
     if !s.bytes().any(needs_escape) {
@@ -260,66 +273,56 @@ fn push_escaped(out: &mut String, s: &str) {
     }
 }
 
-/// The text `s` stands for, percent-decoding it; `None` for a bad escape or bytes
-/// that are not UTF-8.
-fn unescape(s: &str) -> Option<String> {
-    if !s.contains('%') {
-        return Some(s.to_string());
+/// The text `value` stands for, percent-decoding it; `None` for a bad escape or
+/// bytes that are not UTF-8.
+fn unescape(value: &[u8]) -> Option<String> {
+    if memchr::memchr(b'%', value).is_none() {
+        return std::str::from_utf8(value).ok().map(str::to_string);
     }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+    let mut out = Vec::with_capacity(value.len());
     let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+    while let Some(&b) = value.get(i) {
+        if b == b'%' {
+            let high = hex_digit(*value.get(i + 1)?)?;
+            let low = hex_digit(*value.get(i + 2)?)?;
+            out.push(high << 4 | low);
             i += 3;
         } else {
-            out.push(bytes[i]);
+            out.push(b);
             i += 1;
         }
     }
     String::from_utf8(out).ok()
 }
 
-fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    let (secs, nanos) = s.split_once('.')?;
-    let (negative, digits) = match secs.strip_prefix('-') {
-        Some(d) => (true, d),
-        None => (false, secs),
-    };
-    // At most 10 digits of nanoseconds (a leap second's reach 1,999,999,999).
-    if nanos.len() > 10 {
-        return None;
+fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
     }
-    let magnitude = i64::try_from(parse_digits(digits)?).ok()?;
-    let secs = if negative { -magnitude } else { magnitude };
-    DateTime::from_timestamp(secs, u32::try_from(parse_digits(nanos)?).ok()?)
 }
 
-/// A non-empty run of at most 19 ASCII digits as a number.
-fn parse_digits(s: &str) -> Option<u64> {
-    if s.is_empty() || s.len() > 19 {
-        return None;
-    }
-    s.bytes().try_fold(0u64, |n, b| {
-        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
-    })
-}
-
-/// The header in the compact text form `raw`; the error says what is wrong (the
+/// The header at the start of `line`, in the compact text form, and where it ends:
+/// at the first line feed (a frame's header line) or at the end of `line` (the
+/// `Agentbus` NATS header of older messages). The error says what is wrong (the
 /// caller adds where the message came from).
-pub(crate) fn decode_header(raw: &str) -> std::result::Result<Header, String> {
-    let mut fields = Fields(Some(raw));
-    match fields.next() {
-        Some(VERSION) => {}
-        Some(v) => {
-            return Err(format!(
-                "its version '{}' is not one this agentbus reads (1); upgrade agentbus",
-                v.chars().take(16).collect::<String>()
-            ))
-        }
-        None => return Err("it is empty".into()),
+///
+/// One pass over the bytes: each value is read by its own grammar where the field
+/// says what it is (an id is 36 bytes; a time's digits end it), so most of the line
+/// is never searched for separators. Splitting on `;` and `=` first, then parsing
+/// each piece, cost about 2,300 instructions per header, a tenth of a request/reply
+/// round trip (callgrind).
+fn parse_header(line: &[u8]) -> std::result::Result<(Header, usize), String> {
+    let mut at = field_end(line, 0);
+    if &line[..at] != VERSION.as_bytes() {
+        let version =
+            std::str::from_utf8(&line[..at]).map_err(|_| "its header line is not text")?;
+        return Err(format!(
+            "its version '{}' is not one this agentbus reads (1); upgrade agentbus",
+            version.chars().take(16).collect::<String>()
+        ));
     }
     let mut id = None;
     let mut timestamp = None;
@@ -342,82 +345,194 @@ pub(crate) fn decode_header(raw: &str) -> std::result::Result<Header, String> {
         headers: BTreeMap::new(),
         content_type: std::borrow::Cow::Borrowed(CONTENT_TYPE_JSON),
     };
-    for field in fields {
-        let (key, value) = memchr::memchr(b'=', field.as_bytes())
-            .map(|i| (&field[..i], &field[i + 1..]))
-            .ok_or_else(|| format!("field '{}' has no '='", clip(field)))?;
-        let bad = || format!("field '{key}' has a bad value '{}'", clip(value));
-        let text = || unescape(value).ok_or_else(bad);
-        let id_of = || {
-            uuid::Uuid::try_parse(value)
-                .map(MessageId)
-                .map_err(|_| bad())
-        };
-        let time = || parse_time(value).ok_or_else(bad);
-        match key {
-            "id" => id = Some(id_of()?),
-            "ts" => timestamp = Some(time()?),
-            "kind" => kind = Some(text()?),
-            "p" => {
-                header.priority = value
-                    .parse::<u8>()
-                    .ok()
-                    .and_then(|n| Priority::from_u8(n).ok())
-                    .ok_or_else(bad)?;
-            }
-            "corr" => header.correlation_id = Some(text()?),
-            "cause" => header.causation_id = Some(id_of()?),
-            "from" => header.sender = Some(text()?),
-            "to" => header.receiver = Some(text()?),
-            "reply" => header.reply_to = Some(ChannelName::new(value).map_err(|_| bad())?),
-            "dl" => header.deadline = Some(time()?),
-            "nb" => header.not_before = Some(time()?),
-            "att" => header.attempt = value.parse().map_err(|_| bad())?,
-            "tenant" => header.tenant = Some(text()?),
-            "tp" => header.trace = Some(text()?),
-            "ct" => header.content_type = text()?.into(),
-            _ => {
-                if let Some(name) = key.strip_prefix("h.") {
-                    let name = unescape(name)
-                        .ok_or_else(|| format!("free header name '{}' is bad", clip(name)))?;
-                    header.headers.insert(name, text()?);
-                }
-                // Unknown keys: a later minor addition, ignored (see the module docs).
-            }
+    while line.get(at) == Some(&b';') {
+        let start = at + 1;
+        let key_end = start
+            + line[start..]
+                .iter()
+                .position(|&b| matches!(b, b'=' | b';' | b'\n'))
+                .unwrap_or(line.len() - start);
+        if line.get(key_end) != Some(&b'=') {
+            return Err(format!(
+                "field '{}' has no '='",
+                clip(&line[start..key_end])
+            ));
         }
+        let key = &line[start..key_end];
+        let from = key_end + 1;
+        // Where the value ends and what it is; `None`: not of its field's form.
+        let text_end = || field_end(line, from);
+        let parsed: Option<usize> = match key {
+            b"id" => parse_id(line, from).map(|(v, end)| {
+                id = Some(v);
+                end
+            }),
+            b"cause" => parse_id(line, from).map(|(v, end)| {
+                header.causation_id = Some(v);
+                end
+            }),
+            b"ts" | b"dl" | b"nb" => parse_time(line, from).map(|(v, end)| {
+                match key {
+                    b"ts" => timestamp = Some(v),
+                    b"dl" => header.deadline = Some(v),
+                    _ => header.not_before = Some(v),
+                }
+                end
+            }),
+            b"p" => {
+                let end = text_end();
+                match &line[from..end] {
+                    [digit] => Priority::from_u8(digit.wrapping_sub(b'0')).ok().map(|p| {
+                        header.priority = p;
+                        end
+                    }),
+                    _ => None,
+                }
+            }
+            b"att" => {
+                let end = text_end();
+                std::str::from_utf8(&line[from..end])
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .map(|v| {
+                        header.attempt = v;
+                        end
+                    })
+            }
+            b"reply" => {
+                let end = text_end();
+                std::str::from_utf8(&line[from..end])
+                    .ok()
+                    .and_then(|v| ChannelName::new(v).ok())
+                    .map(|v| {
+                        header.reply_to = Some(v);
+                        end
+                    })
+            }
+            _ => {
+                let end = text_end();
+                let value = &line[from..end];
+                let slot = match key {
+                    b"kind" => Some(&mut kind),
+                    b"corr" => Some(&mut header.correlation_id),
+                    b"from" => Some(&mut header.sender),
+                    b"to" => Some(&mut header.receiver),
+                    b"tenant" => Some(&mut header.tenant),
+                    b"tp" => Some(&mut header.trace),
+                    _ => None,
+                };
+                match (slot, key) {
+                    (Some(slot), _) => unescape(value).map(|v| {
+                        *slot = Some(v);
+                        end
+                    }),
+                    (None, b"ct") => unescape(value).map(|v| {
+                        header.content_type = v.into();
+                        end
+                    }),
+                    (None, _) => match key.strip_prefix(b"h.") {
+                        Some(name) => {
+                            let name = unescape(name).ok_or_else(|| {
+                                format!("free header name '{}' is bad", clip(name))
+                            })?;
+                            unescape(value).map(|v| {
+                                header.headers.insert(name, v);
+                                end
+                            })
+                        }
+                        // Unknown keys: a later minor addition, ignored (see the
+                        // module docs).
+                        None => Some(end),
+                    },
+                }
+            }
+        };
+        at = parsed.ok_or_else(|| {
+            format!(
+                "field '{}' has a bad value '{}'",
+                String::from_utf8_lossy(key),
+                clip(&line[from..field_end(line, from)])
+            )
+        })?;
+    }
+    if !matches!(line.get(at), None | Some(b'\n')) {
+        // Only a value's parser stops early, and it then fails; kept as a guard.
+        return Err(format!(
+            "it has stray text '{}'",
+            clip(&line[at..field_end(line, at)])
+        ));
     }
     header.id = id.ok_or("it has no id")?;
     header.timestamp = timestamp.ok_or("it has no timestamp (ts)")?;
     header.kind = kind.ok_or("it has no kind")?;
-    Ok(header)
+    Ok((header, at))
 }
 
-/// The `;`-separated fields of a header. A byte search (`memchr`): `str::split`'s
-/// general pattern machinery cost about a third of decoding a header.
-struct Fields<'a>(Option<&'a str>);
-
-impl<'a> Iterator for Fields<'a> {
-    type Item = &'a str;
-
-    fn next(&mut self) -> Option<&'a str> {
-        let rest = self.0?;
-        // `;` is ASCII, so both slices end on character boundaries.
-        match memchr::memchr(b';', rest.as_bytes()) {
-            Some(i) => {
-                self.0 = Some(&rest[i + 1..]);
-                Some(&rest[..i])
-            }
-            None => {
-                self.0 = None;
-                Some(rest)
-            }
-        }
+/// The header in the compact text form `raw` (an `Agentbus` NATS header).
+pub(crate) fn decode_header(raw: &str) -> std::result::Result<Header, String> {
+    match parse_header(raw.as_bytes())? {
+        (header, end) if end == raw.len() => Ok(header),
+        _ => Err("it holds a line feed".into()),
     }
 }
 
-/// At most 40 characters of `s`, for error messages about garbage.
-fn clip(s: &str) -> String {
-    s.chars().take(40).collect()
+/// Where the field starting at `from` ends: at the next `;`, line feed, or the end.
+fn field_end(line: &[u8], from: usize) -> usize {
+    memchr::memchr2(b';', b'\n', &line[from.min(line.len())..]).map_or(line.len(), |i| from + i)
+}
+
+/// Whether a value ending at `end` ends there: the line, a field or the header ends.
+fn ends_value(line: &[u8], end: usize) -> bool {
+    matches!(line.get(end), None | Some(b';' | b'\n'))
+}
+
+/// A hyphenated UUID at `from` (always 36 bytes), and where it ends.
+fn parse_id(line: &[u8], from: usize) -> Option<(MessageId, usize)> {
+    let end = from + 36;
+    let text = line.get(from..end)?;
+    if !ends_value(line, end) {
+        return None;
+    }
+    uuid::Uuid::try_parse_ascii(text)
+        .ok()
+        .map(|id| (MessageId(id), end))
+}
+
+/// A time at `from`, `<secs>.<nanos>` (seconds may be negative), and where it ends.
+fn parse_time(line: &[u8], from: usize) -> Option<(DateTime<Utc>, usize)> {
+    let negative = line.get(from) == Some(&b'-');
+    let (magnitude, at) = parse_digits(line, from + usize::from(negative), 19)?;
+    if line.get(at) != Some(&b'.') {
+        return None;
+    }
+    // At most 10 digits of nanoseconds (a leap second's reach 1,999,999,999).
+    let (nanos, end) = parse_digits(line, at + 1, 10)?;
+    if !ends_value(line, end) {
+        return None;
+    }
+    let magnitude = i64::try_from(magnitude).ok()?;
+    let secs = if negative { -magnitude } else { magnitude };
+    DateTime::from_timestamp(secs, u32::try_from(nanos).ok()?).map(|t| (t, end))
+}
+
+/// The run of 1 to `max` (at most 19) ASCII digits at `from` as a number, and where
+/// it ends.
+fn parse_digits(line: &[u8], from: usize, max: usize) -> Option<(u64, usize)> {
+    let mut n = 0u64;
+    let mut at = from;
+    while let Some(&b) = line.get(at).filter(|b| b.is_ascii_digit()) {
+        if at - from == max {
+            return None;
+        }
+        n = n * 10 + u64::from(b - b'0');
+        at += 1;
+    }
+    (at > from).then_some((n, at))
+}
+
+/// At most 40 characters of `bytes`, for error messages about garbage.
+fn clip(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).chars().take(40).collect()
 }
 
 /// The agentbus header in `headers`: the compact form, or the JSON of messages
@@ -556,10 +671,14 @@ pub(crate) fn decode_core(
 
 /// The header and payload of a frame (see [`encode_frame`]).
 fn split_frame(frame: Bytes) -> std::result::Result<(Header, Bytes), String> {
-    let end = memchr::memchr(b'\n', &frame).ok_or("it has no header line")?;
-    let text = std::str::from_utf8(&frame[..end]).map_err(|_| "its header line is not text")?;
-    let header = decode_header(text).map_err(|why| format!("its header is not valid: {why}"))?;
-    Ok((header, frame.slice(end + 1..)))
+    let no_line = "it has no header line";
+    match parse_header(&frame) {
+        Ok((header, end)) if end < frame.len() => Ok((header, frame.slice(end + 1..))),
+        Ok(_) => Err(no_line.into()),
+        Err(_) if memchr::memchr(b'\n', &frame).is_none() => Err(no_line.into()),
+        Err(why) if why.contains("not text") => Err(why),
+        Err(why) => Err(format!("its header is not valid: {why}")),
+    }
 }
 
 /// The core NATS subject requests on `channel_or_pattern` travel on (outside the
@@ -765,6 +884,15 @@ mod tests {
             (format!("{good};dl=99999999999999999.0"), "'dl'"),
             (format!("{good};dl=1.12345678901"), "'dl'"),
             (format!("{good};cause=nope"), "'cause'"),
+            // Values read by their own grammar must still end where the field does.
+            (
+                format!("{good};cause=0192f3a0-c2d4-7b1e-9a3c-5d7e9f1a2b3cd"),
+                "'cause'",
+            ),
+            (format!("{good};nb=1.5x"), "'nb'"),
+            (format!("{good};nb=-.5"), "'nb'"),
+            (format!("{good};p=22"), "'p'"),
+            (format!("{good};p=+2"), "'p'"),
             (format!("{good};from=%4"), "'from'"),
             (format!("{good};from=%G1"), "'from'"),
             (format!("{good};from=%FF"), "'from'"),
