@@ -197,11 +197,13 @@ async fn main() -> Res<()> {
         let answering = bus.clone();
         tokio::spawn(async move {
             while let Ok(delivery) = sub.next().await {
-                let request = delivery.envelope().clone();
-                let _ = delivery.ack().await;
+                // Reply, then ack: what a handler does (the raw side copies nothing
+                // either).
+                let request = delivery.envelope();
                 if let Ok(e) = request.decode_json::<Echo>() {
-                    let _ = answering.reply(&request, &e).await;
+                    let _ = answering.reply(request, &e).await;
                 }
+                let _ = delivery.ack().await;
             }
         })
     };
