@@ -611,9 +611,7 @@ fn envelope_of(
     place: impl Fn() -> String,
     not_ours: impl FnOnce(String) -> String,
 ) -> Result<Envelope> {
-    let old =
-        headers.is_some_and(|h| h.get(HEADER_NAME).is_some() || h.get(LEGACY_HEADER).is_some());
-    let (header, payload) = if old {
+    let (header, payload) = if written_before_frame(headers) {
         (header_of(headers, place)?, payload)
     } else {
         split_frame(payload).map_err(|why| Error::new(ErrorKind::Schema, not_ours(why)))?
@@ -623,6 +621,12 @@ fn envelope_of(
         header,
         payload,
     })
+}
+
+/// Whether a message with these NATS headers was written before the frame: its
+/// header is the `Agentbus` (or older JSON) NATS header, its payload untouched.
+fn written_before_frame(headers: Option<&HeaderMap>) -> bool {
+    headers.is_some_and(|h| h.get(HEADER_NAME).is_some() || h.get(LEGACY_HEADER).is_some())
 }
 
 /// `name` as a channel: `last` again when it is the same name (no validation and no
@@ -679,6 +683,22 @@ fn split_frame(frame: Bytes) -> std::result::Result<(Header, Bytes), String> {
         Err(why) if why.contains("not text") => Err(why),
         Err(why) => Err(format!("its header is not valid: {why}")),
     }
+}
+
+/// The payload of a core reply without reading its header: after the frame's header
+/// line (which must start with this version's token), or the NATS payload of a
+/// reply written before the frame (which has the `Agentbus` header). `None` when it
+/// is neither: [`decode_core`] then says what is wrong.
+pub(crate) fn frame_payload(headers: Option<&HeaderMap>, payload: &Bytes) -> Option<Bytes> {
+    if written_before_frame(headers) {
+        return Some(payload.clone());
+    }
+    let header = payload.strip_prefix(VERSION.as_bytes())?;
+    if !header.starts_with(b";") {
+        return None;
+    }
+    let end = memchr::memchr(b'\n', payload)?;
+    Some(payload.slice(end + 1..))
 }
 
 /// The core NATS subject requests on `channel_or_pattern` travel on (outside the
@@ -768,6 +788,38 @@ mod tests {
             let e = decode_core("a.b", &mut None, None, Bytes::from_static(bad)).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::Schema, "{bad:?}");
             assert!(e.message().contains(says), "{bad:?}: {}", e.message());
+        }
+    }
+
+    #[test]
+    fn a_replys_payload_is_found_without_reading_its_header() {
+        let channel = ChannelName::new("a.b").unwrap();
+        let envelope = Envelope::new(channel, "k", b"{\"n\":1}\nmore".to_vec());
+        let frame = encode_frame(&envelope);
+        assert_eq!(
+            frame_payload(None, &frame).as_deref(),
+            Some(&b"{\"n\":1}\nmore"[..])
+        );
+        // Written before the frame: the NATS payload is the payload.
+        let old = header_map(&envelope.header);
+        assert_eq!(
+            frame_payload(Some(&old), &envelope.payload),
+            Some(envelope.payload.clone())
+        );
+        // Anything else goes to the full decode, which says what is wrong.
+        for bad in [
+            &b""[..],
+            b"{\"n\":1}",
+            b"1;id=x",
+            b"12;id=x\n{}",
+            b"2;id=x\n{}",
+            b"1\n{}",
+        ] {
+            assert_eq!(
+                frame_payload(None, &Bytes::from_static(bad)),
+                None,
+                "{bad:?}"
+            );
         }
     }
 

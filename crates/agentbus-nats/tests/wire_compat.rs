@@ -11,6 +11,7 @@ use agentbus::{
     ack_all, ChannelName, ChannelPattern, Envelope, Header, StartPosition, SubscribeOptions,
     Transport,
 };
+use agentbus_bench::Echo;
 use agentbus_nats::{NatsOptions, NatsStorage, NatsTransport};
 use futures::StreamExt;
 
@@ -148,6 +149,65 @@ async fn old_formats_are_read_foreign_messages_skipped_and_the_frame_is_plain_te
     drop(consumer);
     transport.close().await.expect("close");
     NatsTransport::delete_prefix(transport.client(), &prefix)
+        .await
+        .expect("delete the test prefix");
+}
+
+/// The typed `Bus::request` reads only a reply's payload (the header is skipped):
+/// a good frame still gives the typed reply, and what is not one still fails with a
+/// `Schema` error that says what is wrong.
+#[tokio::test]
+async fn typed_requests_read_the_reply_payload_and_still_refuse_what_is_no_reply() {
+    let prefix = format!("abwire{}", uuid::Uuid::new_v4().simple());
+    let transport = NatsTransport::connect(
+        &url(),
+        NatsOptions::default()
+            .prefix(prefix.clone())
+            .storage(NatsStorage::Memory),
+    )
+    .await
+    .expect("nats-server with JetStream at AGENTBUS_NATS_URL");
+    let client = transport.client().clone();
+    let bus = agentbus::Bus::new(std::sync::Arc::new(transport));
+    // A NATS-native responder: the first reply a good frame, then a plain JSON body
+    // (no frame), then a frame whose payload is no `Echo`.
+    let mut requests = client
+        .subscribe(format!("{prefix}_rq.svc.ping"))
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    let responder = tokio::spawn(async move {
+        let mut answers = vec![
+            b"1;id=0192f3a0-c2d4-7b1e-9a3c-5d7e9f1a2b3c;ts=1764117773.000000005;kind=bench.echo;p=2\n{\"data\":\"8\"}".to_vec(),
+            b"{\"data\":\"9\"}".to_vec(),
+            b"1;id=0192f3a0-c2d4-7b1e-9a3c-5d7e9f1a2b3d;ts=1764117773.000000005;kind=bench.echo;p=2\n[1,2]".to_vec(),
+        ]
+        .into_iter();
+        while let Some(request) = requests.next().await {
+            let (Some(reply), Some(answer)) = (request.reply, answers.next()) else {
+                return;
+            };
+            client.publish(reply, answer.into()).await.expect("reply");
+        }
+    });
+    let channel = ChannelName::new("svc.ping").unwrap();
+    let question = Echo { data: "1".into() };
+    let ask = || bus.request::<Echo, Echo>(&channel, &question, Duration::from_secs(5));
+    assert_eq!(ask().await.expect("a framed reply").data, "8");
+    let e = ask().await.expect_err("a reply without a frame");
+    assert_eq!(e.kind(), agentbus::ErrorKind::Schema, "{e}");
+    assert!(
+        e.message().contains("not an agentbus request or reply"),
+        "{e}"
+    );
+    let e = ask().await.expect_err("a payload that is no Echo");
+    assert_eq!(e.kind(), agentbus::ErrorKind::Schema, "{e}");
+    assert!(
+        e.message().contains("does not decode as 'bench.echo'"),
+        "{e}"
+    );
+    responder.abort();
+    NatsTransport::delete_prefix_at(&url(), &prefix)
         .await
         .expect("delete the test prefix");
 }

@@ -531,13 +531,7 @@ impl Bus {
         timeout: Duration,
     ) -> Result<Envelope> {
         if self.inner.transport.native_requests() {
-            // The transport's own request/reply (NATS core): it fills reply_to.
-            request.header.deadline = Some(later(self.inner.clock.now(), timeout));
-            self.inner
-                .registry
-                .validate(&request, self.inner.strict_kinds)?;
-            // Stamped as every publish is, so the reply continues the request's trace.
-            crate::trace_context::stamp(&mut request.header);
+            self.prepare_native_request(&mut request, timeout)?;
             return self.inner.transport.request(request, timeout).await;
         }
         let inbox = self.inbox().await?.clone();
@@ -574,10 +568,42 @@ impl Bus {
         request: &Q,
         timeout: Duration,
     ) -> Result<R> {
-        let envelope = self.envelope(channel, request, &PublishOptions::default())?;
+        let mut envelope = self.envelope(channel, request, &PublishOptions::default())?;
+        if self.inner.transport.native_requests() {
+            // Only the payload is used: the transport need not read the reply's header.
+            self.prepare_native_request(&mut envelope, timeout)?;
+            let payload = self
+                .inner
+                .transport
+                .request_payload(envelope, timeout)
+                .await?;
+            return serde_json::from_slice(&payload).map_err(|e| {
+                Error::new(
+                    ErrorKind::Schema,
+                    format!(
+                        "the reply to a request of kind '{}' on channel '{channel}' does not \
+                         decode as '{}': {e}",
+                        Q::KIND,
+                        R::KIND
+                    ),
+                )
+            });
+        }
         self.request_envelope(envelope, timeout)
             .await?
             .decode_json()
+    }
+
+    /// Readies a request for the transport's own request/reply (NATS core), which
+    /// fills `reply_to`: its deadline, the schema check, and the trace context,
+    /// stamped as for every publish so that the reply continues the request's trace.
+    fn prepare_native_request(&self, request: &mut Envelope, timeout: Duration) -> Result<()> {
+        request.header.deadline = Some(later(self.inner.clock.now(), timeout));
+        self.inner
+            .registry
+            .validate(request, self.inner.strict_kinds)?;
+        crate::trace_context::stamp(&mut request.header);
+        Ok(())
     }
 
     /// Publishes `reply` to the `reply_to` of `request`, linking the two.

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 
@@ -304,6 +305,10 @@ impl Transport for ObservedTransport {
 
     async fn request(&self, request: Envelope, timeout: Duration) -> Result<Envelope> {
         self.inner.request(request, timeout).await
+    }
+
+    async fn request_payload(&self, request: Envelope, timeout: Duration) -> Result<Bytes> {
+        self.inner.request_payload(request, timeout).await
     }
 
     async fn scatter(

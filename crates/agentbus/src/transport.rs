@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -779,6 +780,17 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
                 request.channel
             ),
         ))
+    }
+
+    /// As [`Transport::request`], for a caller that needs only the reply's payload,
+    /// as the typed [`Bus::request`](crate::Bus::request) does: a transport may then
+    /// skip reading the reply's header (on NATS, about a tenth of a round trip's
+    /// cost). The default takes the payload of [`Transport::request`]'s reply.
+    ///
+    /// # Errors
+    /// As [`Transport::request`].
+    async fn request_payload(&self, request: Envelope, timeout: Duration) -> Result<Bytes> {
+        Ok(self.request(request, timeout).await?.payload)
     }
 
     /// Scatter-gather over the transport's own request/reply: sends `request` (its
