@@ -140,7 +140,8 @@ pub(crate) fn encode_header(header: &Header) -> String {
 /// and parsing it on the other side: about 7,000 instructions per message sent and
 /// received, callgrind).
 pub(crate) fn encode_frame(envelope: &Envelope) -> Bytes {
-    let mut out = String::with_capacity(193 + envelope.payload.len());
+    let mut out =
+        String::with_capacity(header_size_hint(&envelope.header) + envelope.payload.len());
     push_header(&mut out, &envelope.header);
     // The header is printable ASCII (control characters are percent-encoded), so the
     // first line feed ends it.
@@ -148,6 +149,36 @@ pub(crate) fn encode_frame(envelope: &Envelope) -> Bytes {
     let mut bytes = out.into_bytes();
     bytes.extend_from_slice(&envelope.payload);
     Bytes::from(bytes)
+}
+
+/// About how long `header`'s compact form is (exact unless values need escaping):
+/// one allocation for the frame, where a fixed guess was short of every message
+/// with a trace context and grew the buffer, copying it (about 350 instructions per
+/// round trip, callgrind).
+fn header_size_hint(header: &Header) -> usize {
+    // `1;id=<36>;ts=<20>;kind=;p=<1>` and the line feed, then each optional field:
+    // its key and separators (at most 8 bytes) and its value.
+    let text = |v: &Option<String>| v.as_ref().map_or(0, |v| v.len() + 8);
+    let time = |v: &Option<DateTime<Utc>>| v.map_or(0, |_| 30);
+    let free: usize = header
+        .headers
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 4)
+        .sum();
+    80 + header.kind.len()
+        + text(&header.correlation_id)
+        + header.causation_id.map_or(0, |_| 43)
+        + text(&header.sender)
+        + text(&header.receiver)
+        + header.reply_to.as_ref().map_or(0, |r| r.as_str().len() + 7)
+        + time(&header.deadline)
+        + time(&header.not_before)
+        + 16
+        + text(&header.tenant)
+        + text(&header.trace)
+        + header.content_type.len()
+        + 4
+        + free
 }
 
 fn push_header(out: &mut String, header: &Header) {
@@ -900,6 +931,30 @@ mod tests {
             "1;id=0192f3a0-c2d4-7b1e-9a3c-5d7e9f1a2b3c;ts=1764117773.000000005;\
              kind=vehicle.data;p=2;from=agent%207%3Bx%3D1%25;att=3"
         );
+    }
+
+    #[test]
+    fn the_size_hint_covers_a_header_whose_values_need_no_escaping() {
+        let mut header = Header::new("vehicle.data");
+        let hint = |h: &Header| (header_size_hint(h), encode_header(h).len() + 1);
+        let (guess, size) = hint(&header);
+        assert!(guess >= size, "{guess} < {size}");
+        header.correlation_id = Some("order-1".into());
+        header.causation_id = Some(MessageId::new());
+        header.sender = Some("agent-7".into());
+        header.receiver = Some("planner".into());
+        header.reply_to = Some(ChannelName::new("_INBOX.abc.def").unwrap());
+        header.deadline = Some(DateTime::<Utc>::MAX_UTC);
+        header.not_before = Some(DateTime::<Utc>::MIN_UTC);
+        header.attempt = u32::MAX;
+        header.tenant = Some("acme".into());
+        header.trace = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        header.content_type = "application/x-protobuf".into();
+        header
+            .headers
+            .insert("trace.parent_span_id".into(), "00f067aa0ba902b7".into());
+        let (guess, size) = hint(&header);
+        assert!(guess >= size, "{guess} < {size}");
     }
 
     #[test]

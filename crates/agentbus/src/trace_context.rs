@@ -43,8 +43,8 @@ impl fmt::Display for TraceParent {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    let mut out = vec![0u8; bytes.len() * 2];
+fn hex<const N: usize, const TWICE: usize>(bytes: &[u8; N]) -> String {
+    let mut out = [0u8; TWICE];
     write_hex(&mut out, bytes);
     ascii_string(&out)
 }
@@ -72,16 +72,31 @@ fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
         return None;
     }
     let mut out = [0u8; N];
-    for (i, pair) in text.as_bytes().chunks(2).enumerate() {
-        let digit = |c: u8| match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        };
-        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    let mut bad = 0u8;
+    for (byte, pair) in out.iter_mut().zip(text.as_bytes().chunks_exact(2)) {
+        let (high, low) = (HEX[usize::from(pair[0])], HEX[usize::from(pair[1])]);
+        // Non-digits are 0x10 and up: one check for the whole text, after the loop.
+        bad |= high | low;
+        *byte = high << 4 | (low & 0xf);
     }
-    Some(out)
+    (bad < 0x10).then_some(out)
 }
+
+/// The value of each lowercase hex digit; 0x10 for every other byte.
+const HEX: [u8; 256] = {
+    let mut table = [0x10u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
 
 fn random_nonzero<const N: usize>() -> [u8; N] {
     loop {
@@ -163,12 +178,12 @@ impl TraceParent {
 
     /// The trace id as 32 hex digits.
     pub fn trace_id_hex(&self) -> String {
-        hex(&self.trace_id)
+        hex::<16, 32>(&self.trace_id)
     }
 
     /// The span id as 16 hex digits.
     pub fn span_id_hex(&self) -> String {
-        hex(&self.span_id)
+        hex::<8, 16>(&self.span_id)
     }
 }
 
