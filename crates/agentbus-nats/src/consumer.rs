@@ -407,7 +407,7 @@ impl Drop for NatsConsumer {
         let flights: Vec<Flight> = shared.flights.lock().drain().map(|(_, f)| f).collect();
         let deferred: Vec<Deferred> = shared.deferred.lock().drain(..).collect();
         if shared.private {
-            shared.inner.groups.write().remove(&*shared.group);
+            shared.inner.forget_group(&shared.group);
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;

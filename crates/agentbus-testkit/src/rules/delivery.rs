@@ -68,6 +68,21 @@ pub async fn rule_publish_receipt(factory: &dyn TransportFactory) -> RuleResult 
                 );
             }
         }
+        // A private group ends with its subscription; the named one stays.
+        drop(_private);
+        let receipt = fx
+            .publish(
+                fx.envelope(&channel, 6),
+                "after the private subscription ended",
+            )
+            .await?;
+        if counts_groups {
+            ensure_eq!(
+                receipt.groups,
+                1,
+                "receipt groups once the private subscription ended (the named group stays)"
+            );
+        }
         Ok(Outcome::Passed)
     })
     .await
