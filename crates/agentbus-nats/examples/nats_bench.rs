@@ -285,7 +285,10 @@ async fn main() -> Res<()> {
             "off, as on the raw side (no Nats-Msg-Id)"
         }
     );
-    // A group exists while publishing, so receipts count it as in real use.
+    // A group exists while publishing, so receipts count it as in real use; the raw
+    // stream gets a durable consumer of the subject too, so that the server does the
+    // same work per stored message on both sides (a stream with consumers whose
+    // filter matches does more per publish than one with none).
     drop(
         transport
             .subscribe(
@@ -293,6 +296,14 @@ async fn main() -> Res<()> {
             )
             .await?,
     );
+    raw_js
+        .create_consumer(pull::Config {
+            durable_name: Some("consumers".into()),
+            filter_subject: format!("{raw_stream}.js.x"),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
     let envelope = || Envelope::new(channel.clone(), "bench.blob", payload.clone().into_bytes());
     if runs("publish") {
         let (mut raw_rates, mut our_rates) = (Vec::new(), Vec::new());
