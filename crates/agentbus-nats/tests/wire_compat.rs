@@ -19,8 +19,8 @@ fn url() -> String {
     std::env::var("AGENTBUS_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_string())
 }
 
-#[tokio::test]
-async fn old_formats_are_read_foreign_messages_skipped_and_the_frame_is_plain_text() {
+/// A transport on a prefix of its own (memory storage).
+async fn connect() -> (String, NatsTransport) {
     let prefix = format!("abwire{}", uuid::Uuid::new_v4().simple());
     let transport = NatsTransport::connect(
         &url(),
@@ -30,6 +30,12 @@ async fn old_formats_are_read_foreign_messages_skipped_and_the_frame_is_plain_te
     )
     .await
     .expect("nats-server with JetStream at AGENTBUS_NATS_URL");
+    (prefix, transport)
+}
+
+#[tokio::test]
+async fn old_formats_are_read_foreign_messages_skipped_and_the_frame_is_plain_text() {
+    let (prefix, transport) = connect().await;
     let channel = ChannelName::new("orders.compat").unwrap();
     let subject = format!("{prefix}.2.orders.compat");
     let js = async_nats::jetstream::new(transport.client().clone());
@@ -158,15 +164,7 @@ async fn old_formats_are_read_foreign_messages_skipped_and_the_frame_is_plain_te
 /// `Schema` error that says what is wrong.
 #[tokio::test]
 async fn typed_requests_read_the_reply_payload_and_still_refuse_what_is_no_reply() {
-    let prefix = format!("abwire{}", uuid::Uuid::new_v4().simple());
-    let transport = NatsTransport::connect(
-        &url(),
-        NatsOptions::default()
-            .prefix(prefix.clone())
-            .storage(NatsStorage::Memory),
-    )
-    .await
-    .expect("nats-server with JetStream at AGENTBUS_NATS_URL");
+    let (prefix, transport) = connect().await;
     let client = transport.client().clone();
     let bus = agentbus::Bus::new(std::sync::Arc::new(transport));
     // A NATS-native responder: the first reply a good frame, then a plain JSON body
