@@ -53,9 +53,8 @@ pub(crate) struct Inner {
     pub(crate) stream: stream::Stream,
     pub(crate) dlq: stream::Stream,
     /// Group name → pattern, for every group on the stream (kept live from JetStream's
-    /// consumer advisories).
-    /// Change it through [`Inner::learn_group`] and [`Inner::forget_group`], which
-    /// keep [`Inner::group_counts`] true.
+    /// consumer advisories). Changed only through [`Inner::learn_group`] and
+    /// [`Inner::forget_group`], which keep [`Inner::group_counts`] true.
     pub(crate) groups: RwLock<HashMap<String, ChannelPattern>>,
     /// Bumped (under the `groups` write lock) by every change of `groups`.
     groups_generation: AtomicU64,
