@@ -335,10 +335,11 @@ fn hex_digit(b: u8) -> Option<u8> {
     }
 }
 
-/// The header at the start of `line`, in the compact text form, and where it ends:
-/// at the first line feed (a frame's header line) or at the end of `line` (the
-/// `Agentbus` NATS header of older messages). The error says what is wrong (the
-/// caller adds where the message came from).
+/// Reads the header at the start of `line`, in the compact text form, into `header`
+/// (a blank one, see [`blank_header`]) and returns where it ends: at the first line
+/// feed (a frame's header line) or at the end of `line` (the `Agentbus` NATS header
+/// of older messages). The error says what is wrong (the caller adds where the
+/// message came from); `header` is then partly filled and not to be used.
 ///
 /// One pass over the bytes: each value is read by its own grammar where the field
 /// says what it is (an id is 36 bytes; a time's digits end it), so most of the line
@@ -358,8 +359,8 @@ fn parse_header(line: &[u8], header: &mut Header) -> std::result::Result<usize, 
     let mut id = None;
     let mut timestamp = None;
     let mut kind = None;
-    // Into the caller's header (blank, see `blank_header`): a header returned by
-    // value was copied twice more on its way into the envelope.
+    // Into the caller's header: a header returned by value was copied twice more on
+    // its way into the envelope.
     while line.get(at) == Some(&b';') {
         let start = at + 1;
         let key_end = start
