@@ -6,9 +6,12 @@
 //! 1. request/reply round trip (sequential; p50/p99) of a typed `Echo` (256 bytes of
 //!    JSON): raw = core NATS `request` to a core responder, each side encoding and
 //!    decoding the JSON itself with serde_json; agentbus = `Bus::request` to a `Bus`
-//!    responder (which do the same serde work: encode, decode, encode, decode);
+//!    responder that replies, then acks (the same serde work: encode, decode,
+//!    encode, decode);
 //! 2. JetStream publish with a synchronous ack (sequential; msg/s): raw =
-//!    `jetstream.publish(..).await?.await?`; agentbus = `Transport::publish`;
+//!    `jetstream.publish(..).await?.await?`; agentbus = `Transport::publish`; each
+//!    stream has a durable consumer of the subject meanwhile (agentbus: a group), so
+//!    the server does the same work per stored message;
 //! 3. consume + ack (msg/s) of a backlog of 5 × N messages (at most 120,000; the
 //!    published ones topped up), read whole by a new consumer or group each round
 //!    (so each round reads the whole backlog): raw = a durable pull

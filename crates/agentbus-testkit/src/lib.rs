@@ -176,7 +176,7 @@ macro_rules! __agentbus_testkit_rules {
     ($callback:ident ! ($($args:tt)*)) => {
         $crate::$callback! {
             [$($args)*]
-            rule_publish_receipt: "publish returns a receipt: id, channel, increasing sequence, duplicate = false, matching group count",
+            rule_publish_receipt: "publish returns a receipt: id, channel, increasing sequence, duplicate = false, matching group count (which drops when a private subscription ends)",
             rule_fan_out_private_groups: "subscriptions without a group each get every message",
             rule_named_group_load_balances: "members of one named group share the messages, each message to exactly one member",
             rule_every_matching_group_gets_every_message: "every group whose pattern matches gets every message; `*` is one token, `>` one or more",

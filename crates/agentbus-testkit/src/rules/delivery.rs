@@ -13,7 +13,8 @@ use crate::{ensure, ensure_eq, Outcome, RuleResult, TransportFactory};
 /// Rule 1 — **Publish** returns a receipt once the engine accepted the message: the
 /// message's id and channel, a sequence that increases within the channel,
 /// `duplicate = false`, and (where the transport can tell, see
-/// `Capabilities::no_responders`) how many groups matched.
+/// `Capabilities::no_responders`) how many groups matched, a private group no longer
+/// once its subscription ended.
 pub async fn rule_publish_receipt(factory: &dyn TransportFactory) -> RuleResult {
     with_fixture(factory, |fx| async move {
         let channel = fx.channel("receipts")?;

@@ -119,7 +119,9 @@ fn bus_for(fx: &crate::Fixture) -> Bus {
     bus
 }
 
-/// Rule 17a — **Request/reply**: a request gets the reply to it.
+/// Rule 17a — **Request/reply**: a request gets the reply to it, and the reply is a
+/// span under the request's in the request's trace (the request is stamped on the
+/// way out, as every publish is).
 pub async fn rule_request_reply(factory: &dyn TransportFactory) -> RuleResult {
     with_fixture(factory, |fx| async move {
         let channel = fx.channel("svc.echo")?;
