@@ -88,6 +88,23 @@ struct Row {
     overhead: String,
 }
 
+impl Row {
+    /// A row of two figures, whole numbers; `lower_is_better` for latencies.
+    fn new(workload: &'static str, raw: f64, ours: f64, lower_is_better: bool) -> Row {
+        Row {
+            workload,
+            raw: format!("{raw:.0}"),
+            agentbus: format!("{ours:.0}"),
+            overhead: overhead(raw, ours, lower_is_better),
+        }
+    }
+
+    /// The row of a rate workload: the median round of each side.
+    fn rates(workload: &'static str, raw: &mut [f64], ours: &mut [f64]) -> Row {
+        Row::new(workload, median(raw), median(ours), false)
+    }
+}
+
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
@@ -248,13 +265,12 @@ async fn main() -> Res<()> {
     .into_iter()
     .filter(|_| runs("rr"))
     {
-        let (r, o) = (micros(&raw_rr, q), micros(&ours_rr, q));
-        rows.push(Row {
-            workload: name,
-            raw: format!("{r:.0}"),
-            agentbus: format!("{o:.0}"),
-            overhead: overhead(r, o, true),
-        });
+        rows.push(Row::new(
+            name,
+            micros(&raw_rr, q),
+            micros(&ours_rr, q),
+            true,
+        ));
     }
 
     // 2. JetStream publish, sync ack, alternating rounds of n / ROUNDS.
@@ -324,13 +340,11 @@ async fn main() -> Res<()> {
             }
             our_rates.push((n / ROUNDS) as f64 / t.elapsed().as_secs_f64());
         }
-        let (raw_pub, ours_pub) = (median(&mut raw_rates), median(&mut our_rates));
-        rows.push(Row {
-            workload: "JetStream publish, sync ack (msg/s)",
-            raw: format!("{raw_pub:.0}"),
-            agentbus: format!("{ours_pub:.0}"),
-            overhead: overhead(raw_pub, ours_pub, false),
-        });
+        rows.push(Row::rates(
+            "JetStream publish, sync ack (msg/s)",
+            &mut raw_rates,
+            &mut our_rates,
+        ));
     }
     // The consume backlog, which every round reads whole: what the publish workload
     // stored, topped up (pipelined, untimed) to 5 × N, at most CONSUME_BACKLOG_MAX, so
@@ -409,13 +423,11 @@ async fn main() -> Res<()> {
             }
             our_rates.push(total as f64 / t.elapsed().as_secs_f64());
         }
-        let (raw_consume, ours_consume) = (median(&mut raw_rates), median(&mut our_rates));
-        rows.push(Row {
-            workload: "consume + ack (msg/s)",
-            raw: format!("{raw_consume:.0}"),
-            agentbus: format!("{ours_consume:.0}"),
-            overhead: overhead(raw_consume, ours_consume, false),
-        });
+        rows.push(Row::rates(
+            "consume + ack (msg/s)",
+            &mut raw_rates,
+            &mut our_rates,
+        ));
     }
     let _ = raw_js.info().await;
     finish(

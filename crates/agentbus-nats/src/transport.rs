@@ -86,7 +86,7 @@ pub(crate) struct Inner {
     limits: PublishLimits,
     /// The channel of replies to this client's requests: its request inbox,
     /// validated once (the subject of each reply adds a token per request).
-    reply_inbox: Mutex<Option<ChannelName>>,
+    reply_inbox: std::sync::OnceLock<ChannelName>,
 }
 
 /// The consumer name of `group`'s lane `priority`.
@@ -172,7 +172,7 @@ impl NatsTransport {
             limits: PublishLimits {
                 max_payload_bytes: max_payload,
             },
-            reply_inbox: Mutex::new(None),
+            reply_inbox: std::sync::OnceLock::new(),
             options,
         });
         inner.watch_groups().await?;
@@ -276,12 +276,15 @@ impl NatsTransport {
     /// remembers an id for the stream's `duplicate_window`, which may be longer than
     /// the channel's; a duplicate whose original is older than `window` (or gone) is
     /// stored again under the key `<id>.<n>`, the next key not yet stored within the
-    /// channel's window. With a zero window no dedup key is sent at all.
+    /// channel's window. With a zero window no dedup key is sent at all. `generation`
+    /// is the first key to try: 0 for the id itself, 1 when a caller already stored
+    /// under the id and found it a duplicate outside the window.
     async fn store(
         &self,
         prepared: Prepared,
         id: MessageId,
         channel: &ChannelName,
+        mut generation: u32,
     ) -> Result<jetstream::publish::PublishAck> {
         let Prepared {
             mut subject,
@@ -289,10 +292,20 @@ impl NatsTransport {
             payload,
             window,
         } = prepared;
+        let rekey = |headers: &mut Option<async_nats::HeaderMap>, generation: u32| {
+            headers
+                .get_or_insert_with(async_nats::HeaderMap::new)
+                .insert(
+                    async_nats::header::NATS_MESSAGE_ID,
+                    format!("{id}.{generation}").as_str(),
+                );
+        };
+        if generation > 0 {
+            rekey(&mut headers, generation);
+        }
         // Only a channel window shorter than the stream's can need a second attempt:
         // otherwise the headers and subject are moved, not copied.
         let may_rekey = window < *self.inner.stream_window.lock();
-        let mut generation = 0u32;
         loop {
             let (to, with) = if may_rekey {
                 (subject.clone(), headers.clone())
@@ -311,12 +324,7 @@ impl NatsTransport {
                 return Ok(ack);
             }
             generation += 1;
-            headers
-                .get_or_insert_with(async_nats::HeaderMap::new)
-                .insert(
-                    async_nats::header::NATS_MESSAGE_ID,
-                    format!("{id}.{generation}").as_str(),
-                );
+            rekey(&mut headers, generation);
         }
     }
 
@@ -383,7 +391,9 @@ impl NatsTransport {
         self.inner.limits.check(&envelope, Utc::now)?;
         let prepared = self.prepare_publish(&envelope).await?;
         let channel = envelope.channel;
-        let ack = self.store(prepared, envelope.header.id, &channel).await?;
+        let ack = self
+            .store(prepared, envelope.header.id, &channel, 0)
+            .await?;
         Ok(PublishReceipt {
             id: envelope.header.id,
             groups: self.count_groups(&channel),
@@ -445,10 +455,10 @@ impl NatsTransport {
         // name, checked once.
         let subject = reply.subject.as_str();
         let inbox = subject.rsplit_once('.').map_or(subject, |(inbox, _)| inbox);
-        let mut known = self.inner.reply_inbox.lock().clone();
+        let mut known = self.inner.reply_inbox.get().cloned();
         let decoded = wire::decode_core(inbox, &mut known, reply.headers.as_ref(), reply.payload);
         if let Some(known) = known {
-            self.inner.reply_inbox.lock().get_or_insert(known);
+            let _ = self.inner.reply_inbox.set(known);
         }
         decoded
     }
@@ -986,8 +996,9 @@ impl Transport for NatsTransport {
                     let stored = match (future.await, resend) {
                         (Ok(ack), Some(prepared)) => {
                             match self.outside_window(&ack, prepared.window).await {
-                                // A duplicate only in the stream's longer window: store it.
-                                Ok(true) => self.store(prepared, id, &channel).await,
+                                // A duplicate only in the stream's longer window: store it
+                                // under the next key (the id itself was just tried).
+                                Ok(true) => self.store(prepared, id, &channel, 1).await,
                                 Ok(false) => Ok(ack),
                                 Err(e) => Err(e),
                             }

@@ -1215,6 +1215,15 @@ mod tests {
         (connect().await.unwrap(), connect().await.unwrap())
     }
 
+    /// Publishes `envelopes` in one batch; every receipt, or the test fails.
+    async fn publish_all(t: &RedisTransport, envelopes: Vec<Envelope>) -> Vec<PublishReceipt> {
+        t.publish_batch(envelopes)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect()
+    }
+
     fn dedup(window: Duration) -> ChannelConfig {
         ChannelConfig {
             dedup_window: window,
@@ -1243,15 +1252,14 @@ mod tests {
             !known(&ours, &flip),
             "nothing learned before the first publish"
         );
-        let first = ours
-            .publish_batch(vec![
+        let first = publish_all(
+            &ours,
+            vec![
                 Envelope::new(flip.clone(), "n", &b"1"[..]),
                 Envelope::new(steady.clone(), "n", &b"1"[..]),
-            ])
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect::<Vec<_>>();
+            ],
+        )
+        .await;
         let (flip_first, steady_first) = (first[0].clone(), first[1].clone());
         assert!(
             known(&ours, &flip) && known(&ours, &steady),
@@ -1277,15 +1285,11 @@ mod tests {
             .unwrap();
         assert!(known(&ours, &flip), "ours has not heard of it yet");
         let once = Envelope::new(flip.clone(), "n", &b"3"[..]);
-        let results = ours
-            .publish_batch(vec![
-                Envelope::new(steady.clone(), "n", &b"2"[..]),
-                once.clone(),
-            ])
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect::<Vec<_>>();
+        let results = publish_all(
+            &ours,
+            vec![Envelope::new(steady.clone(), "n", &b"2"[..]), once.clone()],
+        )
+        .await;
         let (steady_next, stored) = (results[0].clone(), results[1].clone());
         assert_eq!(
             steady_next.sequence,

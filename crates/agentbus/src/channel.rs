@@ -32,10 +32,7 @@ fn invalid(input: &str, why: impl fmt::Display) -> Error {
 }
 
 fn token_is_valid(token: &str) -> bool {
-    !token.is_empty()
-        && token
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !token.is_empty() && token.bytes().all(|b| TOKEN_BYTES[usize::from(b)] == TOKEN)
 }
 
 /// Checks the shape shared by names and patterns; `allow_wildcards` admits `*` and a
